@@ -1,0 +1,348 @@
+"""The run's configuration: one typed dataclass tree, presets as sparse TOML deltas.
+
+Layers, later wins: dataclass defaults -> preset (a name in presets/ or a path to a .toml file)
+-> `key.sub=value` overrides. An unknown key or a value of the wrong type is an error naming it.
+`Config.validate()` checks every range before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# inside the wheel presets/ is ddpo_lite/presets; in a source checkout it is the top-level folder
+_PACKAGED_PRESETS = Path(__file__).parent / "presets"
+PRESETS_DIR = (
+    _PACKAGED_PRESETS if _PACKAGED_PRESETS.is_dir() else Path(__file__).parent.parent / "presets"
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value a user gave is wrong; the message says which and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """'tiny' (offline, random), a local diffusers folder or a hub id."""
+    seed: int = 0
+    """Seed of the offline tiny model's weights (only for name = 'tiny')."""
+
+
+@dataclass
+class PromptConfig:
+    prompts: list[str] = field(default_factory=lambda: ["a cat", "a dog"])
+    """The prompts sampled uniformly for each image; ignored when `file` is set."""
+    file: str = ""
+    """A text file with one prompt per line (blank lines and '#' lines skipped)."""
+    negative_prompt: str = ""
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = 50
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    batch_size: int = 8
+    """Images per sampling batch on each process."""
+    num_batches_per_epoch: int = 4
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "ddpo-is"
+    """'ddpo-is' (PPO-style clipping), 'ddpo-sf' (score function) or 'rwr'."""
+    learning_rate: float = 3e-4
+    batch_size: int = 1
+    """Samples per forward+backward batch on each process."""
+    gradient_accumulation: int = 4
+    """Sample batches per optimizer step."""
+    num_inner_epochs: int = 1
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's timesteps trained on, drawn at random per sample."""
+    timestep_chunk: int = 0
+    """Timesteps per forward+backward; 0 means all of a sample's trained timesteps at once."""
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    rwr_weighting: str = "exp"
+    """RWR only: 'exp' (weights exp(r / temperature)) or 'sparse' (top quantile)."""
+    rwr_temperature: float = 1.0
+    rwr_sparse_quantile: float = 0.9
+
+
+@dataclass
+class AdvantageConfig:
+    per_prompt_stat_tracking: bool = True
+    buffer_size: int = 32
+    min_count: int = 16
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+
+
+@dataclass
+class MemoryConfig:
+    mixed_precision: str = "fp16"
+    """'no', 'fp16' or 'bf16': autocast dtype; frozen weights are stored in it when half_base."""
+    half_base: bool = True
+    """Store frozen UNet/VAE/text-encoder weights in the mixed-precision dtype (LoRA stays fp32)."""
+    gradient_checkpointing: bool = True
+    attention: str = "sdpa"
+    """'sdpa' (PyTorch scaled_dot_product_attention), 'xformers' or 'math' (plain matmuls)."""
+    use_8bit_adam: bool = True
+    vae_slicing: bool = True
+    offload_text_encoder: bool = True
+    """Keep the text encoder on the CPU; it visits the accelerator only to encode new prompts."""
+    cpu: bool = False
+    """Run on the CPU even where an accelerator is present."""
+
+
+@dataclass
+class RewardConfig:
+    name: str = "jpeg_compressibility"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    num_epochs: int = 100
+    output_dir: str = "runs/ddpo"
+    save_every: int = 1
+    """Save the LoRA every this many epochs (and always at the end)."""
+    preset: str = ""
+    """Name of the preset this config came from (recorded in outputs)."""
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def validate(self) -> Config:
+        """Raise ConfigError naming the first field out of range; returns self."""
+        s, t, a = self.sample, self.train, self.advantages
+        checks = [
+            ("num_epochs", self.num_epochs >= 1, "an integer >= 1"),
+            ("save_every", self.save_every >= 1, "an integer >= 1"),
+            ("sample.num_steps", s.num_steps >= 1, "an integer >= 1"),
+            ("sample.eta", s.eta >= 0, "a number >= 0 (DDPO needs > 0; the paper uses 1.0)"),
+            ("sample.guidance_scale", s.guidance_scale >= 0, "a number >= 0"),
+            ("sample.batch_size", s.batch_size >= 1, "an integer >= 1"),
+            ("sample.num_batches_per_epoch", s.num_batches_per_epoch >= 1, "an integer >= 1"),
+            ("train.algorithm", t.algorithm in ALGORITHMS, f"one of {', '.join(ALGORITHMS)}"),
+            ("train.learning_rate", t.learning_rate > 0, "a number > 0"),
+            ("train.batch_size", t.batch_size >= 1, "an integer >= 1"),
+            ("train.gradient_accumulation", t.gradient_accumulation >= 1, "an integer >= 1"),
+            ("train.num_inner_epochs", t.num_inner_epochs >= 1, "an integer >= 1"),
+            ("train.timestep_fraction", 0 < t.timestep_fraction <= 1, "a number in (0, 1]"),
+            ("train.timestep_chunk", t.timestep_chunk >= 0, "an integer >= 0 (0 = all at once)"),
+            ("train.clip_range", t.clip_range > 0, "a number > 0"),
+            ("train.adv_clip_max", t.adv_clip_max > 0, "a number > 0"),
+            ("train.max_grad_norm", t.max_grad_norm > 0, "a number > 0"),
+            ("train.rwr_weighting", t.rwr_weighting in ("exp", "sparse"), "'exp' or 'sparse'"),
+            ("train.rwr_temperature", t.rwr_temperature > 0, "a number > 0"),
+            ("train.rwr_sparse_quantile", 0 <= t.rwr_sparse_quantile < 1, "a number in [0, 1)"),
+            ("advantages.buffer_size", a.buffer_size >= 1, "an integer >= 1"),
+            ("advantages.min_count", a.min_count >= 1, "an integer >= 1"),
+            ("lora.rank", self.lora.rank >= 1, "an integer >= 1"),
+            ("lora.alpha", self.lora.alpha > 0, "a number > 0"),
+            ("lora.target_modules", len(self.lora.target_modules) > 0, "a non-empty list"),
+            (
+                "memory.mixed_precision",
+                self.memory.mixed_precision in PRECISIONS,
+                "'no', 'fp16' or 'bf16'",
+            ),
+            (
+                "memory.attention",
+                self.memory.attention in ATTENTIONS,
+                "'sdpa', 'xformers' or 'math'",
+            ),
+        ]
+        for name, ok, accepted in checks:
+            if not ok:
+                raise ConfigError(
+                    f"{name} = {get_field(self, name)!r} is invalid: expected {accepted}"
+                )
+        if t.algorithm in ("ddpo-is", "ddpo-sf") and s.eta <= 0:
+            raise ConfigError(
+                f"sample.eta = {s.eta} gives a deterministic sampler with no log-probability; "
+                f"{t.algorithm} needs eta > 0 (the paper uses 1.0), or use train.algorithm = 'rwr'"
+            )
+        if t.algorithm == "ddpo-sf" and t.num_inner_epochs != 1:
+            raise ConfigError(
+                f"train.num_inner_epochs = {t.num_inner_epochs}: ddpo-sf is on-policy only and "
+                "takes one optimizer step per epoch; set it to 1 or use ddpo-is"
+            )
+        if not self.prompts.file and not self.prompts.prompts:
+            raise ConfigError("prompts.prompts is empty and prompts.file is unset: give one")
+        return self
+
+
+ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr")
+PRECISIONS = ("no", "fp16", "bf16")
+ATTENTIONS = ("sdpa", "xformers", "math")
+
+
+def get_field(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Check/convert `value` to the field's type; ConfigError naming `name` if it does not fit."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, list):
+            return [_coerce(f"{name}[{i}]", v, item_type) for i, v in enumerate(value)]
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(name, value, option)
+            except ConfigError:
+                continue
+    else:
+        raise TypeError(f"unsupported config annotation {annotation!r} for {name}")
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{name} = {value!r} has the wrong type: expected {type_name}")
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(f"{prefix}{f}" for f in fields))
+            raise ConfigError(f"unknown config key {name!r}; known keys here: {known}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} is a section; give it as a table, e.g. [{name}]")
+            _apply(current, value, prefix=f"{name}.")
+        else:
+            setattr(obj, key, _coerce(name, value, hints[key]))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'train.learning_rate=1e-4' -> {'train': {'learning_rate': 1e-4}} (values parsed as TOML,
+    falling back to a bare string)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def preset_path(name_or_path: str) -> Path:
+    """The TOML file for a preset name (in presets/) or a path to a user's .toml file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise ConfigError(f"preset file {name_or_path!r} does not exist")
+        return path
+    candidate = PRESETS_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        names = ", ".join(list_presets())
+        raise ConfigError(f"unknown preset {name_or_path!r}; available: {names} (or a .toml path)")
+    return candidate
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated Config: defaults, then the preset's TOML, then `key=value` overrides."""
+    config = Config()
+    if preset:
+        path = preset_path(preset)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"preset {str(path)!r} is not valid TOML: {err}") from None
+        _apply(config, data)
+        if not config.preset:
+            config.preset = path.stem
+    for text in overrides:
+        _apply(config, parse_override(text))
+    return config.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A validated Config from a nested dict (as written by `to_dict`)."""
+    config = Config()
+    _apply(config, data)
+    return config.validate()
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: Config) -> str:
+    """The fully resolved config as TOML text (scalars first, then one table per section)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for key, value in to_dict(config).items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

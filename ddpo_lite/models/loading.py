@@ -1,0 +1,238 @@
+"""Load a Stable Diffusion 1.x pipeline from "tiny", a local diffusers folder, or a Hub id.
+
+Every failure a user can cause or fix (a wrong path, a folder in the wrong layout, no network) is a
+`ModelLoadError` whose message is one line saying what was wrong and what to do instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from .tiny import quiet_progress_bars, tiny_pipeline_dir
+
+__all__ = ["HUB_PROBE_TIMEOUT_S", "ModelLoadError", "load_pipeline"]
+
+#: Seconds to wait for the Hugging Face Hub to answer before calling it unreachable
+#: (``$DDPO_LITE_HUB_TIMEOUT`` overrides it).
+HUB_PROBE_TIMEOUT_S = 5.0
+
+_REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_TINY_RE = re.compile(r"tiny(?::(\d+))?")
+_ACCEPTED_FORMS = (
+    'accepted forms: "tiny" (or "tiny:SEED", the built-in offline test model), '
+    "a local folder with a diffusers Stable Diffusion layout (model_index.json, unet/, vae/, "
+    'text_encoder/, tokenizer/, scheduler/), or a Hugging Face Hub id such as "owner/name"'
+)
+_OFFLINE_HINT = (
+    'offline, use "tiny", a local folder with a diffusers Stable Diffusion layout, '
+    "or download the model beforehand (e.g. `hf download ID`) so it is in the local Hugging Face "
+    "cache (set HF_HUB_OFFLINE=1 to skip the network entirely)"
+)
+
+
+class ModelLoadError(Exception):
+    """A pipeline could not be loaded; the message says why and what to do."""
+
+
+def load_pipeline(
+    name_or_path: str = "tiny", *, seed: int = 0, torch_dtype: torch.dtype | None = None
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion 1.x pipeline with a DDIM scheduler and progress bars off.
+
+    ``name_or_path`` is one of:
+
+    - ``"tiny"`` / ``"tiny:SEED"``: the built-in offline model (`tiny_pipeline_dir`), loaded with
+      ``from_pretrained`` like any folder; ``seed`` applies to plain ``"tiny"``.
+    - a local folder in diffusers layout (``model_index.json`` and the component subfolders).
+    - a Hub id ``"owner/name"``: the local Hugging Face cache first, then the Hub.
+
+    Any other scheduler is replaced by ``DDIMScheduler.from_config`` of its config (DDPO's policy
+    is the DDIM step). The safety checker is never loaded.
+
+    Raises:
+        ModelLoadError: the model could not be found or loaded; the message is one line.
+    """
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+
+    name = str(name_or_path).strip()
+    tiny = _TINY_RE.fullmatch(name)
+    path = Path(name).expanduser()
+    if tiny:
+        tiny_seed = int(tiny.group(1)) if tiny.group(1) is not None else seed
+        pipe = _from_folder(tiny_pipeline_dir(tiny_seed), kwargs)
+    elif path.is_dir():
+        pipe = _from_folder(path, kwargs)
+    elif path.exists():
+        raise ModelLoadError(
+            f"{name!r} is a file; single-file checkpoints are not supported, "
+            "convert it to a diffusers folder first (diffusers' "
+            "`StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)`); "
+            + _ACCEPTED_FORMS
+        )
+    elif _looks_like_hub_id(name):
+        pipe = _from_hub(name, kwargs)
+    else:
+        raise ModelLoadError(
+            f"{name!r} is neither an existing folder nor a Hub id; {_ACCEPTED_FORMS}"
+        )
+
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: first line of the message``, short enough for a one-line error."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """True for ``owner/name`` ids that the Hub could hold."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _check_layout(folder: Path) -> None:
+    """Raise `ModelLoadError` unless ``folder`` has a diffusers Stable Diffusion layout."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(
+            f"{str(folder)!r} is not a diffusers pipeline folder: model_index.json is missing; "
+            + _ACCEPTED_FORMS
+        )
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read {str(index_file)!r}: {_one_line(err)}") from err
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{str(index_file)!r} is not a JSON object; {_ACCEPTED_FORMS}")
+    if "text_encoder_2" in index:
+        raise ModelLoadError(
+            f"{str(folder)!r} holds a {index.get('_class_name', 'two-text-encoder')} pipeline; "
+            "only Stable Diffusion 1.x/2.x layouts (one text encoder) are supported"
+        )
+    missing = []
+    for component in _REQUIRED_COMPONENTS:
+        entry = index.get(component)
+        if not (isinstance(entry, list) and entry and entry[0] is not None):
+            missing.append(f"{component!r} in model_index.json")
+        elif not (folder / component).is_dir():
+            missing.append(f"{component}/")
+    if missing:
+        raise ModelLoadError(
+            f"{str(folder)!r} is not a Stable Diffusion pipeline folder: missing {', '.join(missing)}; "
+            + _ACCEPTED_FORMS
+        )
+
+
+def _from_folder(folder: Path, kwargs: dict[str, Any]) -> StableDiffusionPipeline:
+    _check_layout(folder)
+    try:
+        with quiet_progress_bars():
+            return StableDiffusionPipeline.from_pretrained(folder, **kwargs)
+    except Exception as err:
+        raise ModelLoadError(
+            f"could not load the pipeline in {str(folder)!r}: {_one_line(err)}"
+        ) from err
+
+
+def _hub_offline() -> bool:
+    """True when the user asked huggingface_hub not to use the network."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return bool(constants.HF_HUB_OFFLINE) or env in {"1", "ON", "YES", "TRUE"}
+
+
+def _probe_hub(repo_id: str, timeout: float) -> BaseException | None:
+    """Ask the Hub about ``repo_id`` once, giving up after ``timeout`` seconds.
+
+    Returns None when the repo answered, else the error (a `TimeoutError` when it did not answer in
+    time). Runs in a daemon thread because name resolution is not bounded by HTTP timeouts.
+    """
+    from huggingface_hub import model_info
+
+    result: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            model_info(repo_id, timeout=timeout)
+            result.append(None)
+        except BaseException as err:  # noqa: BLE001 - reported to the caller
+            result.append(err)
+
+    thread = threading.Thread(target=probe, name="ddpo-lite-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if not result:
+        return TimeoutError(f"no answer within {timeout:g} s")
+    return result[0]
+
+
+def _from_hub(repo_id: str, kwargs: dict[str, Any]) -> StableDiffusionPipeline:
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        with quiet_progress_bars():
+            return StableDiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **kwargs)
+    except Exception:  # not (fully) in the local cache: go to the Hub
+        pass
+
+    if _hub_offline():
+        raise ModelLoadError(
+            f"could not load {repo_id!r}: it is not a local folder, not in the local Hugging Face "
+            f"cache, and HF_HUB_OFFLINE is set; {_OFFLINE_HINT}"
+        )
+
+    timeout = float(os.environ.get("DDPO_LITE_HUB_TIMEOUT", HUB_PROBE_TIMEOUT_S))
+    err = _probe_hub(repo_id, timeout)
+    if isinstance(err, GatedRepoError):
+        raise ModelLoadError(
+            f"{repo_id!r} is a gated Hub repo: accept its terms on huggingface.co and log in "
+            "(`hf auth login`), or use a local folder"
+        ) from err
+    if isinstance(err, RepositoryNotFoundError):
+        raise ModelLoadError(
+            f"{repo_id!r} is not a local folder and the Hub has no such repo (or it is private: "
+            f"log in with `hf auth login`); check the spelling; {_ACCEPTED_FORMS}"
+        ) from err
+    if isinstance(err, HfHubHTTPError):
+        raise ModelLoadError(
+            f"could not load {repo_id!r}: the Hugging Face Hub answered with an error "
+            f"({_one_line(err)}); try again later, or {_OFFLINE_HINT}"
+        ) from err
+    if err is not None:
+        raise ModelLoadError(
+            f"could not load {repo_id!r}: it is not a local folder and the Hugging Face Hub could "
+            f"not be reached ({_one_line(err)}); {_OFFLINE_HINT}"
+        ) from err
+
+    try:
+        return StableDiffusionPipeline.from_pretrained(repo_id, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load {repo_id!r} from the Hugging Face Hub: {_one_line(exc)}; "
+            "it must be a diffusers Stable Diffusion 1.x repo"
+        ) from exc

@@ -1,0 +1,89 @@
+"""LoRA on the UNet through peft, as diffusers' own LoRA training script does it, and saving it
+in the format `pipe.load_lora_weights(folder)` reads with no extra code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def attach_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: list[str]) -> list:
+    """Freeze the UNet, add a peft LoRA adapter, make its parameters fp32; returns them.
+
+    Base weights keep whatever dtype they were cast to (fp16/bf16 under the half_base lever).
+    """
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules
+    )
+    unet.add_adapter(config)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"lora.target_modules {target_modules} matched no module of the UNet")
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights with diffusers' key names (without the 'unet.' prefix)."""
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet: torch.nn.Module, folder: str | Path, metadata: dict[str, str]) -> Path:
+    """Write `folder/pytorch_lora_weights.safetensors` atomically, with peft's adapter config
+    (so rank and alpha load back exactly) and `metadata` (base model, preset, ...) in its header."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
+        adapter_config = unet.peft_config["default"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=state,
+            unet_lora_adapter_metadata=adapter_config,
+            safe_serialization=True,
+        )
+        path = tmp / LORA_WEIGHT_NAME
+        with safe_open(path, framework="pt") as f:
+            header = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        header.update({f"ddpo_lite.{k}": str(v) for k, v in metadata.items()})
+        save_file(tensors, path, metadata=header)
+        (tmp / "ddpo_lite.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(folder, old)
+            os.rename(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / LORA_WEIGHT_NAME
+
+
+def read_lora_metadata(path: str | Path) -> dict[str, str]:
+    """The ddpo-lite fields of a saved LoRA's safetensors header (folder or file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHT_NAME
+    with safe_open(path, framework="pt") as f:
+        header = f.metadata() or {}
+    prefix = "ddpo_lite."
+    return {k[len(prefix) :]: v for k, v in header.items() if k.startswith(prefix)}

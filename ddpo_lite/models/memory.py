@@ -1,0 +1,60 @@
+"""The memory levers applied to a pipeline: dtype of frozen weights, attention backend,
+gradient checkpointing, VAE slicing. Each is one switch of `MemoryConfig`."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class MissingDependencyError(RuntimeError):
+    """An optional package a setting needs is not installed; the message says how to get it."""
+
+
+def frozen_dtype(mixed_precision: str, half_base: bool) -> torch.dtype:
+    """dtype the frozen weights are stored in: the autocast dtype when half_base, else float32."""
+    return DTYPES[mixed_precision] if half_base else torch.float32
+
+
+def set_attention(unet: torch.nn.Module, backend: str) -> None:
+    """'sdpa': PyTorch scaled_dot_product_attention (memory-efficient kernels where available);
+    'xformers': xformers' memory-efficient attention; 'math': plain matmul + softmax."""
+    if backend == "sdpa":
+        unet.set_attn_processor(AttnProcessor2_0())
+    elif backend == "math":
+        unet.set_attn_processor(AttnProcessor())
+    elif backend == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise MissingDependencyError(
+                "memory.attention = 'xformers' but xformers is not installed: "
+                "pip install 'ddpo-lite[xformers]', or use memory.attention = 'sdpa'"
+            )
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; expected sdpa, xformers or math")
+
+
+def apply_memory_settings(pipe, memory, device: torch.device) -> torch.dtype:
+    """Freeze the pipeline's models, cast and place them, and switch on the configured levers.
+
+    Returns the dtype of the frozen weights. The text encoder is placed by the prompt encoder
+    (on the CPU when `memory.offload_text_encoder`).
+    """
+    dtype = frozen_dtype(memory.mixed_precision, memory.half_base)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False)
+        model.to(dtype=dtype)
+    pipe.unet.to(device)
+    pipe.vae.to(device)
+    set_attention(pipe.unet, memory.attention)
+    if memory.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    if memory.vae_slicing:
+        pipe.vae.enable_slicing()
+    pipe.vae.eval()
+    pipe.text_encoder.eval()
+    return dtype

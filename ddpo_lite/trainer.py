@@ -1,0 +1,572 @@
+"""The DDPO epoch loop: rollout -> rewards -> advantages -> update -> log -> checkpoint.
+
+Run it with `ddpo_lite.train(config)` (or `ddpo-lite train --preset NAME`). Under
+`accelerate launch` / `torchrun` every process samples its own images, rewards and prompt ids
+are gathered so that advantages use every process's samples, and LoRA gradients are averaged by
+DDP on the last backward of each optimizer step.
+
+The update is a chunked gradient accumulator: a train batch of `train.batch_size` samples is
+scored `train.timestep_chunk` timesteps at a time (one forward+backward each), and the optimizer
+steps once per `train.gradient_accumulation` batches. Losses are sums divided by the element count
+of the whole optimizer step, so the accumulated gradient equals the unchunked one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers import DDIMScheduler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ddpo_lite import __version__
+from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages
+from ddpo_lite.algorithms import ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_weights
+from ddpo_lite.config import Config, ConfigError, to_toml
+from ddpo_lite.models import load_pipeline
+from ddpo_lite.models.lora import attach_lora, save_lora
+from ddpo_lite.models.memory import apply_memory_settings
+from ddpo_lite.rewards import get_reward
+from ddpo_lite.sampling import (
+    PromptEncoder,
+    Trajectory,
+    ddim_step_with_logprob,
+    predict_noise,
+    rollout,
+)
+
+
+@dataclass
+class TrainResult:
+    """What a run returns: its per-epoch metrics and where it wrote things."""
+
+    metrics: list[dict] = field(default_factory=list)
+    output_dir: Path = Path(".")
+    lora_dir: Path = Path(".")
+    pipeline: object = None
+    """The pipeline with the trained LoRA still attached to its UNet, ready to sample."""
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------
+
+
+def load_prompts(prompt_config) -> list[str]:
+    """The prompt list: from `prompts.file` (one per line) if set, else `prompts.prompts`."""
+    if not prompt_config.file:
+        return list(prompt_config.prompts)
+    path = Path(prompt_config.file)
+    if not path.is_file():
+        raise ConfigError(f"prompts.file = {prompt_config.file!r} does not exist")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"prompts.file = {prompt_config.file!r} holds no prompts")
+    return prompts
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], train, use_8bit: bool, device
+) -> torch.optim.Optimizer:
+    """bitsandbytes AdamW8bit when asked and it runs here; otherwise torch AdamW, said aloud."""
+    kwargs = dict(
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.adam_weight_decay,
+        eps=train.adam_epsilon,
+    )
+    if use_8bit:
+        try:
+            import bitsandbytes as bnb
+
+            # probe one step on this device: some builds import but cannot run here
+            probe = torch.nn.Parameter(torch.zeros(4096, device=device))
+            probe.grad = torch.ones_like(probe)
+            bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure means: fall back, loudly
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            warnings.warn(
+                f"memory.use_8bit_adam: bitsandbytes AdamW8bit cannot run here ({reason}); "
+                "using torch AdamW (32-bit state)",
+                stacklevel=2,
+            )
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    """An Accelerator for this config. accelerate keeps one global state per process; it is reset
+    (keeping the process group) so that train() can be called again with another precision."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision=config.memory.mixed_precision, cpu=config.memory.cpu)
+    if accelerator.device.type == "cpu" and config.memory.mixed_precision == "fp16":
+        raise ConfigError(
+            "memory.mixed_precision = 'fp16' needs a GPU (CPU autocast is bf16): "
+            "set memory.mixed_precision = 'bf16' or 'no' for a CPU run"
+        )
+    return accelerator
+
+
+def make_scheduler(pipe, num_steps: int, device) -> DDIMScheduler:
+    """A DDIM scheduler from the pipeline's config with `num_steps` timesteps set."""
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_steps, device=device)
+    return scheduler
+
+
+@dataclass
+class Components:
+    """The pieces of a run, set up from a config: the policy twice (DDP-wrapped for the update,
+    plain for sampling; one set of weights), the optimizer, the scheduler, the prompt encoder."""
+
+    pipe: object
+    unet: torch.nn.Module
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    scheduler: DDIMScheduler
+    encoder: PromptEncoder
+
+
+def build_components(config: Config, accelerator: Accelerator) -> Components:
+    """Load the pipeline, apply the memory levers, attach the LoRA, prepare for accelerate."""
+    device = accelerator.device
+    pipe = load_pipeline(config.model.name, seed=config.model.seed)
+    apply_memory_settings(pipe, config.memory, device)
+    torch.manual_seed(config.seed)  # the LoRA's initial A matrices (B starts at zero)
+    params = attach_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+    optimizer = make_optimizer(params, config.train, config.memory.use_8bit_adam, device)
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    pipe.unet.eval()
+    return Components(
+        pipe=pipe,
+        unet=unet,
+        policy=pipe.unet,  # the same module, unwrapped: sampling needs no gradient sync
+        optimizer=optimizer,
+        params=params,
+        scheduler=make_scheduler(pipe, config.sample.num_steps, device),
+        encoder=PromptEncoder(
+            pipe, device, config.prompts.negative_prompt, config.memory.offload_text_encoder
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the update
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpdateSettings:
+    """What one chunk's loss needs besides the data."""
+
+    algorithm: str
+    guidance_scale: float
+    eta: float
+    clip_range: float
+
+
+def score_log_probs(
+    unet,
+    scheduler,
+    batch: Trajectory,
+    cols: torch.Tensor,
+    guidance_scale: float,
+    eta: float,
+    autocast,
+) -> torch.Tensor:
+    """log pi_theta(x_{t-1} | x_t) of the stored steps `cols` ((B, k) indices), shape (B, k).
+
+    The same `predict_noise` + `ddim_step_with_logprob` the rollout used, on the stored float32
+    latents, under the same autocast and CFG.
+    """
+    rows = torch.arange(len(batch), device=cols.device)[:, None]
+    k = cols.shape[1]
+    x_t = batch.latents[rows, cols].flatten(0, 1)  # (B*k, C, H, W)
+    x_prev = batch.next_latents[rows, cols].flatten(0, 1)
+    t = batch.timesteps[rows, cols].flatten()
+    embeds = batch.prompt_embeds.repeat_interleave(k, dim=0)
+    with autocast():
+        noise_pred = predict_noise(unet, x_t, t, embeds, batch.negative_embeds, guidance_scale)
+    _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, x_t, eta=eta, prev_sample=x_prev)
+    return log_prob.view(len(batch), k)
+
+
+def chunk_loss(
+    unet,
+    scheduler,
+    batch: Trajectory,
+    cols: torch.Tensor,
+    weights: torch.Tensor,
+    valid: torch.Tensor,
+    settings: UpdateSettings,
+    autocast,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed loss of one chunk: samples `batch`, their steps `cols` (B, k), per-sample
+    `weights` (B,) = advantages (DDPO) or RWR weights; samples with `valid` False add nothing."""
+    if settings.algorithm == "rwr":
+        # denoising loss on the final samples x_0, noised afresh at the chunk's timesteps
+        k = cols.shape[1]
+        rows = torch.arange(len(batch), device=cols.device)[:, None]
+        x0 = batch.next_latents[:, -1].repeat_interleave(k, dim=0)
+        t = batch.timesteps[rows, cols].flatten()
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        noisy = scheduler.add_noise(x0, noise, t)
+        embeds = batch.prompt_embeds.repeat_interleave(k, dim=0)
+        with autocast():
+            noise_pred = predict_noise(unet, noisy, t, embeds, None, 1.0)
+        return rwr_loss(noise_pred, noise, (weights * valid).repeat_interleave(k))
+
+    log_prob = score_log_probs(
+        unet, scheduler, batch, cols, settings.guidance_scale, settings.eta, autocast
+    )
+    old = batch.log_probs[torch.arange(len(batch), device=cols.device)[:, None], cols]
+    # a dropped sample scores as its old log-prob: ratio 1, advantage 0, no gradient, no stats
+    log_prob = torch.where(valid[:, None], log_prob, old)
+    adv = (weights * valid)[:, None].expand_as(log_prob)
+    if settings.algorithm == "ddpo-is":
+        return ddpo_is_loss(log_prob, old, adv, settings.clip_range)
+    return ddpo_sf_loss(log_prob, old, adv)
+
+
+def accumulate_step(
+    accelerator: Accelerator,
+    unet,
+    scheduler,
+    batches: Sequence[tuple[Trajectory, torch.Tensor, torch.Tensor, torch.Tensor]],
+    settings: UpdateSettings,
+    timestep_chunk: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Forward+backward for one optimizer step, without stepping.
+
+    `batches`: (samples, cols (B, k), weights (B,), valid (B,) bool) per train batch. Each batch
+    runs `timestep_chunk` of its k timesteps per forward+backward (0 = all). Every chunk's summed
+    loss is divided by the valid element count of the whole step, so the gradient is that of the
+    step's mean loss however it is chunked. DDP all-reduces only on the step's last backward.
+    """
+    total = sum(int(valid.sum()) * cols.shape[1] for _, cols, _, valid in batches)
+    total = max(total, 1)
+    chunks = []
+    for samples, cols, weights, valid in batches:
+        k = cols.shape[1]
+        size = timestep_chunk if 0 < timestep_chunk < k else k
+        for start in range(0, k, size):
+            chunks.append((samples, cols[:, start : start + size], weights, valid))
+    sums: dict[str, float] = {}
+    for i, (samples, cols, weights, valid) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        context = torch.enable_grad() if last else accelerator.no_sync(unet)
+        with context:
+            loss, stats = chunk_loss(
+                unet,
+                scheduler,
+                samples,
+                cols,
+                weights,
+                valid,
+                settings,
+                accelerator.autocast,
+                generator,
+            )
+            accelerator.backward(loss / total)
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / total
+        for name, value in stats.items():
+            if name == "ratio_dev":
+                sums[name] = max(sums.get(name, 0.0), float(value))
+            else:
+                sums[name] = sums.get(name, 0.0) + float(value) / total
+    return sums
+
+
+def timestep_columns(
+    num_samples: int, num_steps: int, fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """A random subset of int(num_steps * fraction) (at least 1) steps per sample, (N, k)."""
+    k = max(1, int(num_steps * fraction))
+    return torch.stack(
+        [torch.randperm(num_steps, generator=generator)[:k] for _ in range(num_samples)]
+    )
+
+
+def update(
+    accelerator: Accelerator,
+    unet,
+    optimizer,
+    params: list[torch.nn.Parameter],
+    scheduler,
+    trajectory: Trajectory,
+    weights: torch.Tensor,
+    valid: torch.Tensor,
+    config: Config,
+    generator: torch.Generator,
+    progress: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """The inner epochs of one epoch's update; returns the mean of each statistic per step."""
+    train = config.train
+    settings = UpdateSettings(
+        train.algorithm, config.sample.guidance_scale, config.sample.eta, train.clip_range
+    )
+    device = trajectory.latents.device
+    num_samples, num_steps = trajectory.log_probs.shape
+    history: list[dict[str, float]] = []
+    unet.train()
+    for _ in range(train.num_inner_epochs):
+        order = torch.randperm(num_samples, generator=generator).to(device)
+        cols = timestep_columns(num_samples, num_steps, train.timestep_fraction, generator).to(
+            device
+        )
+        batches = [
+            (trajectory.index(rows), cols[rows], weights[rows], valid[rows])
+            for rows in order.split(train.batch_size)
+        ]
+        per_step = len(batches) if train.algorithm == "ddpo-sf" else train.gradient_accumulation
+        for start in range(0, len(batches), per_step):
+            step_stats = accumulate_step(
+                accelerator,
+                unet,
+                scheduler,
+                batches[start : start + per_step],
+                settings,
+                train.timestep_chunk,
+                generator,
+            )
+            grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_stats["grad_norm"] = float(grad_norm)
+            history.append(step_stats)
+            progress()
+    unet.eval()
+    return {name: float(np.mean([h[name] for h in history])) for name in history[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak accelerator memory allocated (bytes); on CPU, the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _progress(accelerator: Accelerator) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not accelerator.is_main_process,
+        transient=True,
+    )
+
+
+def train(config: Config, reward_fn=None) -> TrainResult:
+    """Run DDPO with `config`; returns per-epoch metrics and where the LoRA was written.
+
+    `reward_fn` overrides `config.reward.name` with a callable (images, prompts, metadata) ->
+    (rewards, info).
+    """
+    config.validate()
+    prompts = load_prompts(config.prompts)
+    accelerator = make_accelerator(config)
+    device = accelerator.device
+    reward = reward_fn or get_reward(config.reward.name)
+    output_dir = Path(config.output_dir)
+    lora_dir = output_dir / "lora"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.toml").write_text(to_toml(config))
+
+    run = build_components(config, accelerator)
+    pipe, unet, policy, optimizer = run.pipe, run.unet, run.policy, run.optimizer
+    params, scheduler, encoder = run.params, run.scheduler, run.encoder
+    tracker = (
+        PerPromptStatTracker(config.advantages.buffer_size, config.advantages.min_count)
+        if config.advantages.per_prompt_stat_tracking
+        else None
+    )
+    # each process draws its own prompts and noise; the update's shuffles need not agree
+    generator = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
+    metadata = {
+        "base_model": config.model.name,
+        "rank": config.lora.rank,
+        "alpha": config.lora.alpha,
+        "preset": config.preset,
+        "version": __version__,
+    }
+
+    result = TrainResult(output_dir=output_dir, lora_dir=lora_dir, pipeline=pipe)
+    metrics_path = output_dir / "metrics.jsonl"
+    samples_per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
+    with _progress(accelerator) as progress:
+        for epoch in range(config.num_epochs):
+            start = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            task = progress.add_task(
+                f"epoch {epoch} sampling", total=config.sample.num_batches_per_epoch
+            )
+
+            # 1. rollout
+            images, parts, batch_prompts = [], [], []
+            for _ in range(config.sample.num_batches_per_epoch):
+                ids = torch.randint(len(prompts), (config.sample.batch_size,), generator=generator)
+                texts = [prompts[i] for i in ids.tolist()]
+                batch_images, trajectory = rollout(
+                    pipe,
+                    policy,
+                    encoder,
+                    texts,
+                    ids,
+                    scheduler=scheduler,
+                    guidance_scale=config.sample.guidance_scale,
+                    eta=config.sample.eta,
+                    generator=generator,
+                    autocast=accelerator.autocast,
+                )
+                images += batch_images
+                parts.append(trajectory)
+                batch_prompts += texts
+                progress.advance(task)
+            trajectory = Trajectory.cat(parts)
+            sampled_at = time.perf_counter()
+
+            # 2. rewards, gathered over processes; non-finite ones are dropped from the update
+            raw, _info = reward(images, batch_prompts, [{} for _ in images])
+            rewards = torch.as_tensor(np.asarray(raw, dtype=np.float64), device=device).float()
+            all_rewards = accelerator.gather(rewards).cpu()
+            all_ids = accelerator.gather(trajectory.prompt_ids).cpu()
+            finite = torch.isfinite(all_rewards)
+            finite &= accelerator.gather(trajectory_is_finite(trajectory)).cpu().bool()
+
+            # 3. advantages over every process's samples, then this process's slice
+            advantages = torch.zeros_like(all_rewards)
+            if finite.any():
+                kept = all_rewards[finite]
+                if config.train.algorithm == "rwr":
+                    advantages[finite] = rwr_weights(
+                        kept,
+                        config.train.rwr_weighting,
+                        config.train.rwr_temperature,
+                        config.train.rwr_sparse_quantile,
+                    )
+                else:
+                    kept_prompts = [prompts[i] for i in all_ids[finite].tolist()]
+                    advantages[finite] = compute_advantages(
+                        kept, kept_prompts, tracker, config.train.adv_clip_max
+                    )
+            mine = slice(
+                accelerator.process_index * len(trajectory),
+                (accelerator.process_index + 1) * len(trajectory),
+            )
+            valid = finite[mine].to(device)
+            weights = advantages[mine].to(device)
+            trajectory = sanitize(trajectory, valid)
+            dropped = int((~finite).sum())
+            if dropped:
+                warnings.warn(
+                    f"epoch {epoch}: {dropped} sample(s) had a non-finite reward or trajectory "
+                    "and were dropped from the update",
+                    stacklevel=2,
+                )
+
+            # 4. update
+            num_steps = _optimizer_steps(config, len(trajectory))
+            progress.update(
+                task, description=f"epoch {epoch} training", completed=0, total=num_steps
+            )
+            stats = update(
+                accelerator,
+                unet,
+                optimizer,
+                params,
+                scheduler,
+                trajectory,
+                weights,
+                valid,
+                config,
+                generator,
+                progress=lambda task=task: progress.advance(task),
+            )
+            progress.remove_task(task)
+
+            # 5. log and save
+            seconds = time.perf_counter() - start
+            kept = all_rewards[finite]
+            row = {
+                "epoch": epoch,
+                "reward_mean": float(kept.mean()) if len(kept) else float("nan"),
+                "reward_std": float(kept.std(unbiased=False)) if len(kept) else float("nan"),
+                "reward_min": float(kept.min()) if len(kept) else float("nan"),
+                "reward_max": float(kept.max()) if len(kept) else float("nan"),
+                "dropped_samples": dropped,
+                **stats,
+                "epoch_seconds": seconds,
+                "sampling_seconds": sampled_at - start,
+                "samples_per_second": samples_per_epoch * accelerator.num_processes / seconds,
+                "peak_memory_bytes": _peak_memory(device),
+            }
+            result.metrics.append(row)
+            if accelerator.is_main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                last = epoch == config.num_epochs - 1
+                if last or (epoch + 1) % config.save_every == 0:
+                    save_lora(policy, lora_dir, {**metadata, "epoch": epoch + 1})
+            accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _optimizer_steps(config: Config, num_samples: int) -> int:
+    batches = math.ceil(num_samples / config.train.batch_size)
+    per_step = (
+        batches if config.train.algorithm == "ddpo-sf" else config.train.gradient_accumulation
+    )
+    return config.train.num_inner_epochs * math.ceil(batches / per_step)
+
+
+def trajectory_is_finite(trajectory: Trajectory) -> torch.Tensor:
+    """(B,) uint8 (gather-able over gloo): 1 where the sample's latents and log-probs are finite."""
+    finite = (
+        torch.isfinite(trajectory.latents).flatten(1).all(1)
+        & torch.isfinite(trajectory.next_latents).flatten(1).all(1)
+        & torch.isfinite(trajectory.log_probs).all(1)
+    )
+    return finite.to(torch.uint8)
+
+
+def sanitize(trajectory: Trajectory, valid: torch.Tensor) -> Trajectory:
+    """Zero the tensors of dropped samples so they stay finite; their weight is 0 in the loss.
+
+    Dropped samples are masked rather than removed so that every process runs the same number
+    of backward passes (DDP needs that); a weight of 0 makes their gradient exactly 0.
+    """
+    if bool(valid.all()):
+        return trajectory
+    keep = valid.view(-1, 1, 1, 1, 1)
+    return Trajectory(
+        latents=torch.where(keep, trajectory.latents, 0.0),
+        next_latents=torch.where(keep, trajectory.next_latents, 0.0),
+        timesteps=trajectory.timesteps,
+        log_probs=torch.where(valid[:, None], trajectory.log_probs, 0.0),
+        prompt_embeds=trajectory.prompt_embeds,
+        negative_embeds=trajectory.negative_embeds,
+        prompt_ids=trajectory.prompt_ids,
+    )

@@ -1,0 +1,140 @@
+"""The update: on-policy log-probs, chunked accumulation, frozen base weights, dropped samples."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from ddpo_lite.algorithms import ddpo_is_loss
+from ddpo_lite.config import ConfigError
+from ddpo_lite.models import load_pipeline
+from ddpo_lite.sampling import rollout
+from ddpo_lite.trainer import (
+    UpdateSettings,
+    accumulate_step,
+    build_components,
+    make_accelerator,
+    score_log_probs,
+    train,
+)
+
+HALF = [
+    "memory.mixed_precision='bf16'",
+    "memory.half_base=true",
+    "memory.gradient_checkpointing=true",
+]
+
+
+def sample_batch(config, accelerator, run, n=4, seed=0):
+    prompts = config.prompts.prompts
+    ids = torch.arange(n) % len(prompts)
+    return rollout(
+        run.pipe,
+        run.policy,
+        run.encoder,
+        [prompts[i] for i in ids],
+        ids,
+        scheduler=run.scheduler,
+        guidance_scale=config.sample.guidance_scale,
+        eta=config.sample.eta,
+        generator=torch.Generator().manual_seed(seed),
+        autocast=accelerator.autocast,
+    )
+
+
+def test_rollout_returns_images_and_detached_trajectory(tmp_path):
+    config = tiny_config(tmp_path, "sample.num_steps=4")
+    accelerator = make_accelerator(config)
+    run = build_components(config, accelerator)
+    calls = []
+    original = run.pipe.encode_prompt
+    run.pipe.encode_prompt = lambda *a, **k: calls.append(a[0]) or original(*a, **k)
+    images, traj = sample_batch(config, accelerator, run, n=6)
+    assert len(images) == 6 and images[0].size == (32, 32)
+    assert traj.latents.shape == (6, 4, 4, 16, 16) and traj.log_probs.shape == (6, 4)
+    assert traj.latents.dtype == torch.float32 and not traj.latents.requires_grad
+    assert not traj.log_probs.requires_grad and traj.log_probs.grad_fn is None
+    # the chain is continuous: each step starts where the previous one ended
+    torch.testing.assert_close(traj.latents[:, 1:], traj.next_latents[:, :-1], rtol=0, atol=0)
+    assert (traj.timesteps[:, 0] > traj.timesteps[:, -1]).all()
+    # each distinct prompt is encoded once (4 prompts in the tiny preset), then cached
+    sample_batch(config, accelerator, run, n=6, seed=1)
+    assert sorted(p for call in calls for p in call) == sorted(config.prompts.prompts)
+
+
+@pytest.mark.parametrize("overrides", [[], HALF], ids=["fp32", "bf16-half-base-checkpointing"])
+def test_on_policy_ratio_is_one(tmp_path, overrides):
+    """The classic silent DDPO bug: re-scoring a stored trajectory with the unchanged policy in
+    the training configuration (train mode, same CFG, autocast, checkpointing, a different batch
+    composition and timestep chunks) must give back the stored log-probs."""
+    config = tiny_config(tmp_path, "sample.num_steps=8", *overrides)
+    accelerator = make_accelerator(config)
+    run = build_components(config, accelerator)
+    _, traj = sample_batch(config, accelerator, run, n=4)
+
+    run.unet.train()
+    with torch.enable_grad():
+        first = traj.index(torch.tensor([2, 0]))  # a train batch unlike the sampling batch
+        cols = torch.tensor([[7, 0, 3], [1, 5, 6]])  # the first (0) and last (7) steps included
+        new = score_log_probs(
+            run.unet, run.scheduler, first, cols, config.sample.guidance_scale, 1.0, accelerator.autocast
+        )
+        old = first.log_probs[torch.arange(2)[:, None], cols]
+        ratio = torch.exp(new - old)
+        assert (ratio - 1).abs().max() < 1e-3
+        # the paper's clip range: nothing of the first minibatch is clipped
+        _, stats = ddpo_is_loss(new, old, torch.ones_like(new), clip_range=1e-4)
+        assert stats["clipfrac"] == 0
+
+        # and the check can fail: latents stored in half precision break it
+        lossy = first.index(torch.arange(2))
+        lossy.next_latents = lossy.next_latents.half().float()
+        new_lossy = score_log_probs(
+            run.unet, run.scheduler, lossy, cols, config.sample.guidance_scale, 1.0, accelerator.autocast
+        )
+        assert (torch.exp(new_lossy - old) - 1).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("algorithm", ["ddpo-is", "ddpo-sf"])
+def test_chunked_gradient_equals_unchunked(tmp_path, algorithm):
+    """Accumulating chunks of 1, 3 and all timesteps over two train batches gives the gradient
+    of the step's mean loss computed in one forward (float32, rtol 1e-4)."""
+    config = tiny_config(tmp_path, "sample.num_steps=6", f"train.algorithm='{algorithm}'")
+    accelerator = make_accelerator(config)
+    run = build_components(config, accelerator)
+    # give the LoRA a non-zero B so that every LoRA weight gets a gradient
+    gen = torch.Generator().manual_seed(0)
+    for name, p in run.policy.named_parameters():
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    _, traj = sample_batch(config, accelerator, run, n=3)
+    weights = torch.tensor([1.5, -0.7, 0.4])
+    valid = torch.ones(3, dtype=torch.bool)
+    cols = torch.stack([torch.randperm(6, generator=gen)[:5] for _ in range(3)])  # (3, 5)
+    settings = UpdateSettings(algorithm, config.sample.guidance_scale, 1.0, clip_range=0.2)
+    batches = [  # two train batches, of 1 and 2 samples, accumulated into one optimizer step
+        (traj.index(torch.tensor([0])), cols[:1], weights[:1], valid[:1]),
+        (traj.index(torch.tensor([1, 2])), cols[1:], weights[1:], valid[1:]),
+    ]
+
+    # reference: one forward over all 15 (sample, timestep) pairs, mean loss
+    run.optimizer.zero_grad(set_to_none=True)
+    new = score_log_probs(
+        run.unet, run.scheduler, traj, cols, config.sample.guidance_scale, 1.0, accelerator.autocast
+    )
+    old = traj.log_probs[torch.arange(3)[:, None], cols]
+    adv = weights[:, None].expand_as(new)
+    loss = ddpo_is_loss(new, old, adv, 0.2)[0] if algorithm == "ddpo-is" else (-adv * new).sum()
+    (loss / cols.numel()).backward()
+    reference = [p.grad.clone() for p in run.params]
+    assert all(g.abs().sum() > 0 for g in reference)
+
+    for chunk in (1, 3, 0):
+        run.optimizer.zero_grad(set_to_none=True)
+        accumulate_step(accelerator, run.unet, run.scheduler, batches, settings, chunk)
+        for p, ref in zip(run.params, reference, strict=True):
+            # float32 summation order differs between chunkings: compare at 1e-4 of the scale
+            torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
