@@ -64,7 +64,9 @@ def test_sample_follows_diffusers_step(eta):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
         # distribution: empirical mean/std over 4000 draws vs diffusers' mean (zero noise) and std
-        mean = scheduler.step(eps, t, x_t, eta=eta, variance_noise=torch.zeros_like(x_t)).prev_sample
+        mean = scheduler.step(
+            eps, t, x_t, eta=eta, variance_noise=torch.zeros_like(x_t)
+        ).prev_sample
         std = (
             scheduler.step(eps, t, x_t, eta=eta, variance_noise=torch.ones_like(x_t)).prev_sample
             - mean
@@ -140,10 +142,14 @@ def test_other_prediction_types_match_diffusers(prediction_type):
         _, lp_mean = ddim_step_with_logprob(scheduler, out, t, x_t, prev_sample=mean)
         # at the mean the density is the maximum; the quadratic term of a draw is ~ z^2 / 2
         quad = (lp_mean - lp_theirs).double()
-        torch.testing.assert_close(quad, (z.double() ** 2 / 2).flatten(1).mean(1), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(
+            quad, (z.double() ** 2 / 2).flatten(1).mean(1), rtol=1e-3, atol=1e-4
+        )
 
 
 def test_eta_zero_has_no_logprob():
     scheduler = make_scheduler()
     with pytest.raises(ValueError, match="eta"):
-        ddim_step_with_logprob(scheduler, torch.zeros(1, 4, 8, 8), 1, torch.zeros(1, 4, 8, 8), eta=0)
+        ddim_step_with_logprob(
+            scheduler, torch.zeros(1, 4, 8, 8), 1, torch.zeros(1, 4, 8, 8), eta=0
+        )

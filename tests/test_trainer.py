@@ -1,7 +1,7 @@
 """The update: on-policy log-probs, chunked accumulation, frozen base weights, dropped samples."""
 
+import json
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_config
 
 from ddpo_lite.algorithms import ddpo_is_loss
-from ddpo_lite.config import ConfigError
 from ddpo_lite.models import load_pipeline
+from ddpo_lite.models.lora import read_lora_metadata
 from ddpo_lite.sampling import rollout
 from ddpo_lite.trainer import (
     UpdateSettings,
@@ -80,7 +80,13 @@ def test_on_policy_ratio_is_one(tmp_path, overrides):
         first = traj.index(torch.tensor([2, 0]))  # a train batch unlike the sampling batch
         cols = torch.tensor([[7, 0, 3], [1, 5, 6]])  # the first (0) and last (7) steps included
         new = score_log_probs(
-            run.unet, run.scheduler, first, cols, config.sample.guidance_scale, 1.0, accelerator.autocast
+            run.unet,
+            run.scheduler,
+            first,
+            cols,
+            config.sample.guidance_scale,
+            1.0,
+            accelerator.autocast,
         )
         old = first.log_probs[torch.arange(2)[:, None], cols]
         ratio = torch.exp(new - old)
@@ -93,7 +99,13 @@ def test_on_policy_ratio_is_one(tmp_path, overrides):
         lossy = first.index(torch.arange(2))
         lossy.next_latents = lossy.next_latents.half().float()
         new_lossy = score_log_probs(
-            run.unet, run.scheduler, lossy, cols, config.sample.guidance_scale, 1.0, accelerator.autocast
+            run.unet,
+            run.scheduler,
+            lossy,
+            cols,
+            config.sample.guidance_scale,
+            1.0,
+            accelerator.autocast,
         )
         assert (torch.exp(new_lossy - old) - 1).abs().max() > 1e-3
 
@@ -138,3 +150,91 @@ def test_chunked_gradient_equals_unchunked(tmp_path, algorithm):
         for p, ref in zip(run.params, reference, strict=True):
             # float32 summation order differs between chunkings: compare at 1e-4 of the scale
             torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short half-precision run shared by the tests below: bf16 autocast, bf16 frozen
+    weights, gradient checkpointing, two epochs."""
+    tmp = tmp_path_factory.mktemp("trained")
+    config = tiny_config(
+        tmp,
+        *HALF,
+        "num_epochs=2",
+        "sample.num_steps=4",
+        "sample.num_batches_per_epoch=1",
+        "train.learning_rate=1e-2",
+    )
+    return config, train(config)
+
+
+def test_only_lora_parameters_move(trained):
+    """After training every base UNet, VAE and text-encoder weight is bit-identical to the
+    loaded model's (cast to the frozen dtype); the LoRA's B matrices left their zero init."""
+    config, result = trained
+    fresh = load_pipeline("tiny")
+    pipe = result.pipeline
+    for name in ("unet", "vae", "text_encoder"):
+        before = {k: v.to(torch.bfloat16) for k, v in getattr(fresh, name).state_dict().items()}
+        after = getattr(pipe, name).state_dict()
+        base = {k.replace(".base_layer", ""): v for k, v in after.items() if "lora_" not in k}
+        assert base.keys() == before.keys()
+        for key, value in before.items():
+            assert torch.equal(base[key], value), f"{name}.{key} changed"
+    lora_b = [v for k, v in pipe.unet.state_dict().items() if "lora_B" in k]
+    assert lora_b and all(v.dtype == torch.float32 for v in lora_b)
+    assert sum(float(v.abs().sum()) for v in lora_b) > 0
+
+
+def test_run_outputs_and_metrics(trained):
+    config, result = trained
+    assert len(result.metrics) == 2
+    lines = (result.output_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    for key in ("reward_mean", "approx_kl", "clipfrac", "loss", "grad_norm", "dropped_samples"):
+        assert key in result.metrics[0] and math.isfinite(result.metrics[0][key])
+    assert (result.output_dir / "config.toml").is_file()
+    meta = read_lora_metadata(result.lora_dir)
+    assert meta["base_model"] == "tiny" and meta["rank"] == "4" and meta["epoch"] == "2"
+
+
+def test_saved_lora_loads_in_plain_diffusers(trained):
+    """`load_lora_weights` on a fresh pipeline picks up every trained tensor (so the key prefix
+    is right) and changes the UNet's output."""
+    _, result = trained
+    trained_lora = {k: v for k, v in result.pipeline.unet.state_dict().items() if "lora_" in k}
+    pipe = load_pipeline("tiny")
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_out = pipe.unet(x, 500, encoder_hidden_states=emb).sample
+        pipe.load_lora_weights(result.lora_dir)
+        lora_out = pipe.unet(x, 500, encoder_hidden_states=emb).sample
+    loaded = {k: v for k, v in pipe.unet.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(trained_lora) > 0
+    for (k_loaded, v_loaded), v_trained in zip(
+        sorted(loaded.items()), [v for _, v in sorted(trained_lora.items())], strict=True
+    ):
+        assert torch.equal(v_loaded.float(), v_trained.float()), k_loaded
+    assert (lora_out - base_out).abs().max() > 1e-6
+
+
+def test_nonfinite_rewards_are_dropped(tmp_path):
+    """A NaN or inf reward drops its sample with a warning counted in the metrics; the LoRA
+    stays finite and still learns from the other samples."""
+
+    def reward(images, prompts, metadata):
+        values = np.arange(len(images), dtype=np.float64)
+        values[0], values[3] = np.nan, np.inf
+        return values, {}
+
+    config = tiny_config(
+        tmp_path, "num_epochs=1", "sample.num_steps=3", "sample.num_batches_per_epoch=1"
+    )
+    with pytest.warns(UserWarning, match="2 sample"):
+        result = train(config, reward_fn=reward)
+    assert result.metrics[0]["dropped_samples"] == 2
+    assert math.isfinite(result.metrics[0]["loss"])
+    lora = [v for k, v in result.pipeline.unet.state_dict().items() if "lora_B" in k]
+    assert all(torch.isfinite(v).all() for v in lora)
+    assert sum(float(v.abs().sum()) for v in lora) > 0

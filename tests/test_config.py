@@ -1,0 +1,92 @@
+"""Config: presets, overrides, types, and validation before any model is loaded."""
+
+import pytest
+
+import ddpo_lite.trainer as trainer
+from ddpo_lite.config import ConfigError, list_presets, load_config, parse_override, to_toml
+
+
+def test_tiny_preset_and_overrides():
+    config = load_config(
+        "tiny", ["train.learning_rate=1e-4", "sample.num_steps=7", "prompts.prompts=['x']"]
+    )
+    assert config.preset == "tiny"
+    assert config.train.learning_rate == 1e-4 and config.sample.num_steps == 7
+    assert config.prompts.prompts == ["x"]
+    assert "tiny" in list_presets()
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    config = load_config("tiny", ["train.clip_range=0.05"])
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(config))
+    again = load_config(str(path))
+    assert again == config
+
+
+def test_override_parsing():
+    assert parse_override("a.b=3") == {"a": {"b": 3}}
+    assert parse_override("a=hello world") == {"a": "hello world"}  # bare string fallback
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_override("novalue")
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.timestep_fraction=0", "train.timestep_fraction"),
+        ("train.timestep_fraction=1.5", "train.timestep_fraction"),
+        ("sample.num_steps=0", "sample.num_steps"),
+        ("sample.eta=-0.1", "sample.eta"),
+        ("sample.guidance_scale=-1", "sample.guidance_scale"),
+        ("sample.batch_size=0", "sample.batch_size"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.gradient_accumulation=0", "train.gradient_accumulation"),
+        ("train.algorithm='ppo'", "train.algorithm"),
+        ("memory.attention='flash'", "memory.attention"),
+        ("sample.eta=0", "sample.eta"),  # deterministic sampler: no log-prob for ddpo-is
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    message = str(err.value)
+    assert field in message
+    assert "expected" in message or "needs" in message
+
+
+def test_range_is_in_the_message():
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        load_config("tiny", ["train.timestep_fraction=2"])
+
+
+def test_unknown_keys_and_wrong_types():
+    with pytest.raises(ConfigError, match="train.learning_rat"):
+        load_config("tiny", ["train.learning_rat=1"])
+    with pytest.raises(ConfigError, match="sample.num_steps.*wrong type"):
+        load_config("tiny", ["sample.num_steps='many'"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("no-such-preset")
+
+
+def test_invalid_config_fails_before_any_model_loads(monkeypatch, tmp_path):
+    config = load_config("tiny")
+    config.train.timestep_fraction = 0.0  # made invalid after loading, as an API user might
+    config.output_dir = str(tmp_path / "run")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before validation")
+
+    monkeypatch.setattr(trainer, "load_pipeline", must_not_load)
+    with pytest.raises(ConfigError, match="train.timestep_fraction"):
+        trainer.train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    from ddpo_lite.cli import main
+
+    code = main(["train", "--preset", "tiny", "--set", "sample.num_steps=0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "sample.num_steps" in err and "Traceback" not in err

@@ -1,0 +1,70 @@
+"""Two CPU processes (torchrun, gloo) train one epoch: both must hold the same LoRA, and it must
+differ from the LoRA one process trains on only its own half of the data, so the gradients
+really were averaged across processes."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+OVERRIDES = [
+    "num_epochs=1",
+    "sample.num_steps=3",
+    "sample.batch_size=4",
+    "sample.num_batches_per_epoch=1",
+    "train.batch_size=2",
+    "train.gradient_accumulation=2",
+    "train.learning_rate=1e-2",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(command: list[str], out: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_processes_average_gradients(tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    two = tmp_path / "two"
+    one = tmp_path / "one"
+    two.mkdir()
+    one.mkdir()
+    run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            str(WORKER), str(two), *OVERRIDES,
+        ],
+        two,
+    )  # fmt: skip
+    # both processes really ran: one LoRA file per rank
+    assert sorted(p.name for p in two.glob("rank*.safetensors")) == [
+        "rank0.safetensors",
+        "rank1.safetensors",
+    ]
+    rank0 = load_file(two / "rank0.safetensors")
+    rank1 = load_file(two / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+    assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
+
+    # one process with rank 0's seed samples rank 0's half only
+    run([sys.executable, str(WORKER), str(one), *OVERRIDES], one)
+    alone = load_file(one / "rank0.safetensors")
+    differences = [float((alone[k] - rank0[k]).abs().max()) for k in rank0 if "lora_B" in k]
+    assert max(differences) > 1e-6
