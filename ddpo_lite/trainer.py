@@ -13,6 +13,7 @@ of the whole optimizer step, so the accumulated gradient equals the unchunked on
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import resource
@@ -392,10 +393,10 @@ def train(config: Config, reward_fn=None) -> TrainResult:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.toml").write_text(to_toml(config))
+        (output_dir / "metrics.jsonl").write_text("")  # a new run starts a new log
 
     run = build_components(config, accelerator)
-    pipe, unet, policy, optimizer = run.pipe, run.unet, run.policy, run.optimizer
-    params, scheduler, encoder = run.params, run.scheduler, run.encoder
+    pipe = run.pipe
     tracker = (
         PerPromptStatTracker(config.advantages.buffer_size, config.advantages.min_count)
         if config.advantages.per_prompt_stat_tracking
@@ -412,8 +413,6 @@ def train(config: Config, reward_fn=None) -> TrainResult:
     }
 
     result = TrainResult(output_dir=output_dir, lora_dir=lora_dir, pipeline=pipe)
-    metrics_path = output_dir / "metrics.jsonl"
-    samples_per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
     with _progress(accelerator) as progress:
         for epoch in range(config.num_epochs):
             start = time.perf_counter()
@@ -422,116 +421,156 @@ def train(config: Config, reward_fn=None) -> TrainResult:
             task = progress.add_task(
                 f"epoch {epoch} sampling", total=config.sample.num_batches_per_epoch
             )
+            advance = functools.partial(progress.advance, task)
 
-            # 1. rollout
-            images, parts, batch_prompts = [], [], []
-            for _ in range(config.sample.num_batches_per_epoch):
-                ids = torch.randint(len(prompts), (config.sample.batch_size,), generator=generator)
-                texts = [prompts[i] for i in ids.tolist()]
-                batch_images, trajectory = rollout(
-                    pipe,
-                    policy,
-                    encoder,
-                    texts,
-                    ids,
-                    scheduler=scheduler,
-                    guidance_scale=config.sample.guidance_scale,
-                    eta=config.sample.eta,
-                    generator=generator,
-                    autocast=accelerator.autocast,
-                )
-                images += batch_images
-                parts.append(trajectory)
-                batch_prompts += texts
-                progress.advance(task)
-            trajectory = Trajectory.cat(parts)
+            # 1. rollout: images and their trajectories, from the current policy
+            images, texts, trajectory = sample_epoch(
+                run, prompts, config, generator, accelerator, advance
+            )
             sampled_at = time.perf_counter()
 
-            # 2. rewards, gathered over processes; non-finite ones are dropped from the update
-            raw, _info = reward(images, batch_prompts, [{} for _ in images])
-            rewards = torch.as_tensor(np.asarray(raw, dtype=np.float64), device=device).float()
-            all_rewards = accelerator.gather(rewards).cpu()
-            all_ids = accelerator.gather(trajectory.prompt_ids).cpu()
-            finite = torch.isfinite(all_rewards)
-            finite &= accelerator.gather(trajectory_is_finite(trajectory)).cpu().bool()
-
-            # 3. advantages over every process's samples, then this process's slice
-            advantages = torch.zeros_like(all_rewards)
-            if finite.any():
-                kept = all_rewards[finite]
-                if config.train.algorithm == "rwr":
-                    advantages[finite] = rwr_weights(
-                        kept,
-                        config.train.rwr_weighting,
-                        config.train.rwr_temperature,
-                        config.train.rwr_sparse_quantile,
-                    )
-                else:
-                    kept_prompts = [prompts[i] for i in all_ids[finite].tolist()]
-                    advantages[finite] = compute_advantages(
-                        kept, kept_prompts, tracker, config.train.adv_clip_max
-                    )
-            mine = slice(
-                accelerator.process_index * len(trajectory),
-                (accelerator.process_index + 1) * len(trajectory),
-            )
-            valid = finite[mine].to(device)
-            weights = advantages[mine].to(device)
-            trajectory = sanitize(trajectory, valid)
-            dropped = int((~finite).sum())
-            if dropped:
+            # 2-3. rewards and advantages over every process's samples; non-finite ones dropped
+            raw, _info = reward(images, texts, [{} for _ in images])
+            scored = score_epoch(raw, trajectory, prompts, tracker, config, accelerator)
+            if scored.dropped:
                 warnings.warn(
-                    f"epoch {epoch}: {dropped} sample(s) had a non-finite reward or trajectory "
-                    "and were dropped from the update",
+                    f"epoch {epoch}: {scored.dropped} sample(s) had a non-finite reward or "
+                    "trajectory and were dropped from the update",
                     stacklevel=2,
                 )
 
             # 4. update
-            num_steps = _optimizer_steps(config, len(trajectory))
-            progress.update(
-                task, description=f"epoch {epoch} training", completed=0, total=num_steps
-            )
+            total = _optimizer_steps(config, len(trajectory))
+            progress.update(task, description=f"epoch {epoch} training", completed=0, total=total)
             stats = update(
                 accelerator,
-                unet,
-                optimizer,
-                params,
-                scheduler,
-                trajectory,
-                weights,
-                valid,
+                run.unet,
+                run.optimizer,
+                run.params,
+                run.scheduler,
+                sanitize(trajectory, scored.valid),
+                scored.weights,
+                scored.valid,
                 config,
                 generator,
-                progress=lambda task=task: progress.advance(task),
+                progress=advance,
             )
             progress.remove_task(task)
 
             # 5. log and save
             seconds = time.perf_counter() - start
-            kept = all_rewards[finite]
             row = {
                 "epoch": epoch,
-                "reward_mean": float(kept.mean()) if len(kept) else float("nan"),
-                "reward_std": float(kept.std(unbiased=False)) if len(kept) else float("nan"),
-                "reward_min": float(kept.min()) if len(kept) else float("nan"),
-                "reward_max": float(kept.max()) if len(kept) else float("nan"),
-                "dropped_samples": dropped,
+                **reward_stats(scored.rewards),
+                "dropped_samples": scored.dropped,
                 **stats,
                 "epoch_seconds": seconds,
                 "sampling_seconds": sampled_at - start,
-                "samples_per_second": samples_per_epoch * accelerator.num_processes / seconds,
+                "samples_per_second": accelerator.num_processes * len(trajectory) / seconds,
                 "peak_memory_bytes": _peak_memory(device),
             }
             result.metrics.append(row)
             if accelerator.is_main_process:
-                with metrics_path.open("a") as f:
+                with (output_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                last = epoch == config.num_epochs - 1
-                if last or (epoch + 1) % config.save_every == 0:
-                    save_lora(policy, lora_dir, {**metadata, "epoch": epoch + 1})
+                if epoch + 1 == config.num_epochs or (epoch + 1) % config.save_every == 0:
+                    save_lora(run.policy, lora_dir, {**metadata, "epoch": epoch + 1})
             accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def sample_epoch(
+    run: Components,
+    prompts: list[str],
+    config: Config,
+    generator: torch.Generator,
+    accelerator: Accelerator,
+    advance: Callable[[], None] = lambda: None,
+) -> tuple[list, list[str], Trajectory]:
+    """`sample.num_batches_per_epoch` rollouts of uniformly drawn prompts, concatenated."""
+    images, texts, parts = [], [], []
+    for _ in range(config.sample.num_batches_per_epoch):
+        ids = torch.randint(len(prompts), (config.sample.batch_size,), generator=generator)
+        batch_texts = [prompts[i] for i in ids.tolist()]
+        batch_images, trajectory = rollout(
+            run.pipe,
+            run.policy,
+            run.encoder,
+            batch_texts,
+            ids,
+            scheduler=run.scheduler,
+            guidance_scale=config.sample.guidance_scale,
+            eta=config.sample.eta,
+            generator=generator,
+            autocast=accelerator.autocast,
+        )
+        images += batch_images
+        texts += batch_texts
+        parts.append(trajectory)
+        advance()
+    return images, texts, Trajectory.cat(parts)
+
+
+@dataclass
+class Scored:
+    """An epoch's rewards over all processes, and this process's share of the update."""
+
+    rewards: torch.Tensor  # (N_all,) every process's finite rewards
+    weights: torch.Tensor  # (B,) this process's advantages (or RWR weights); 0 where dropped
+    valid: torch.Tensor  # (B,) bool, this process's samples that take part in the update
+    dropped: int  # samples dropped over all processes
+
+
+def score_epoch(
+    raw_rewards,
+    trajectory: Trajectory,
+    prompts: list[str],
+    tracker: PerPromptStatTracker | None,
+    config: Config,
+    accelerator: Accelerator,
+) -> Scored:
+    """Gather rewards and prompt ids from every process, drop non-finite samples, compute the
+    advantages (or RWR weights) on what is left, and return this process's slice."""
+    device = accelerator.device
+    rewards = torch.as_tensor(np.asarray(raw_rewards, dtype=np.float64), device=device).float()
+    all_rewards = accelerator.gather(rewards).cpu()
+    all_ids = accelerator.gather(trajectory.prompt_ids).cpu()
+    finite = torch.isfinite(all_rewards)
+    finite &= accelerator.gather(trajectory_is_finite(trajectory)).cpu().bool()
+
+    advantages = torch.zeros_like(all_rewards)
+    kept = all_rewards[finite]
+    if len(kept) and config.train.algorithm == "rwr":
+        train = config.train
+        advantages[finite] = rwr_weights(
+            kept, train.rwr_weighting, train.rwr_temperature, train.rwr_sparse_quantile
+        )
+    elif len(kept):
+        kept_prompts = [prompts[i] for i in all_ids[finite].tolist()]
+        advantages[finite] = compute_advantages(
+            kept, kept_prompts, tracker, config.train.adv_clip_max
+        )
+    n = len(trajectory)
+    mine = slice(accelerator.process_index * n, (accelerator.process_index + 1) * n)
+    return Scored(
+        rewards=kept,
+        weights=advantages[mine].to(device),
+        valid=finite[mine].to(device),
+        dropped=int((~finite).sum()),
+    )
+
+
+def reward_stats(rewards: torch.Tensor) -> dict[str, float]:
+    """Mean, population std, min and max of an epoch's rewards (NaN when there are none)."""
+    if len(rewards) == 0:
+        return {f"reward_{k}": float("nan") for k in ("mean", "std", "min", "max")}
+    return {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std(unbiased=False)),
+        "reward_min": float(rewards.min()),
+        "reward_max": float(rewards.max()),
+    }
 
 
 def _optimizer_steps(config: Config, num_samples: int) -> int:
