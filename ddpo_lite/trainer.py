@@ -143,7 +143,8 @@ class Components:
 def build_components(config: Config, accelerator: Accelerator) -> Components:
     """Load the pipeline, apply the memory levers, attach the LoRA, prepare for accelerate."""
     device = accelerator.device
-    pipe = load_pipeline(config.model.name, seed=config.model.seed)
+    with accelerator.main_process_first():  # one process writes caches, the others read them
+        pipe = load_pipeline(config.model.name, seed=config.model.seed)
     apply_memory_settings(pipe, config.memory, device)
     torch.manual_seed(config.seed)  # the LoRA's initial A matrices (B starts at zero)
     params = attach_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)

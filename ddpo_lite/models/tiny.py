@@ -323,8 +323,21 @@ def _write_slow_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+_REQUIRED_FILES = (
+    "model_index.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+    "text_encoder/config.json",
+    "tokenizer/tokenizer_config.json",
+    "scheduler/scheduler_config.json",
+)
+
+
 def _is_complete(folder: Path) -> bool:
-    return (folder / "model_index.json").is_file()
+    """Every file the pipeline needs is there (transformers' save_pretrained silently writes
+    nothing on a torch.distributed rank other than 0, so a folder can exist and be empty)."""
+    return all((folder / name).is_file() for name in _REQUIRED_FILES)
 
 
 def tiny_pipeline_dir(seed: int = 0) -> Path:
@@ -345,6 +358,9 @@ def tiny_pipeline_dir(seed: int = 0) -> Path:
         with quiet_progress_bars():
             build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
         _write_slow_tokenizer_files(tmp / "tokenizer")
+        if not _is_complete(tmp):
+            missing = [n for n in _REQUIRED_FILES if not (tmp / n).is_file()]
+            raise RuntimeError(f"writing the tiny pipeline left out {missing}")
         try:
             os.rename(tmp, target)
         except OSError:
