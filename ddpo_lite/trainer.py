@@ -34,6 +34,7 @@ from ddpo_lite import __version__
 from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages
 from ddpo_lite.algorithms import ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_weights
 from ddpo_lite.config import Config, ConfigError, to_toml
+from ddpo_lite.grid import make_grid
 from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import attach_lora, save_lora
 from ddpo_lite.models.memory import apply_memory_settings
@@ -474,6 +475,7 @@ def train(config: Config, reward_fn=None) -> TrainResult:
             if accelerator.is_main_process:
                 with (output_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(row) + "\n")
+                save_samples(images, texts, raw, output_dir / "samples" / f"epoch_{epoch:04d}.png")
                 if epoch + 1 == config.num_epochs or (epoch + 1) % config.save_every == 0:
                     save_lora(run.policy, lora_dir, {**metadata, "epoch": epoch + 1})
             accelerator.wait_for_everyone()
@@ -572,6 +574,14 @@ def reward_stats(rewards: torch.Tensor) -> dict[str, float]:
         "reward_min": float(rewards.min()),
         "reward_max": float(rewards.max()),
     }
+
+
+def save_samples(images: list, texts: list[str], rewards, path: Path, limit: int = 16) -> None:
+    """The first `limit` images of the epoch as a grid, prompt and reward under each."""
+    values = np.asarray(rewards, dtype=np.float64)[:limit]
+    captions = [f"{text}\nreward {value:.4g}" for text, value in zip(texts, values, strict=False)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images[:limit], captions).save(path)
 
 
 def _optimizer_steps(config: Config, num_samples: int) -> int:
