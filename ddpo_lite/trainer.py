@@ -124,6 +124,8 @@ def make_scheduler(pipe, num_steps: int, device) -> DDIMScheduler:
     """A DDIM scheduler from the pipeline's config with `num_steps` timesteps set."""
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(num_steps, device=device)
+    # once here, not on every step of the denoising loop
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     return scheduler
 
 
