@@ -333,20 +333,16 @@ def update(
         cols = timestep_columns(num_samples, num_steps, train.timestep_fraction, generator).to(
             device
         )
-        batches = [
-            (trajectory.index(rows), cols[rows], weights[rows], valid[rows])
-            for rows in order.split(train.batch_size)
-        ]
-        per_step = len(batches) if train.algorithm == "ddpo-sf" else train.gradient_accumulation
-        for start in range(0, len(batches), per_step):
+        row_groups = order.split(train.batch_size)
+        per_step = len(row_groups) if train.algorithm == "ddpo-sf" else train.gradient_accumulation
+        for start in range(0, len(row_groups), per_step):
+            # gather only this optimizer step's samples: no copy of the whole epoch's trajectory
+            batches = [
+                (trajectory.index(rows), cols[rows], weights[rows], valid[rows])
+                for rows in row_groups[start : start + per_step]
+            ]
             step_stats = accumulate_step(
-                accelerator,
-                unet,
-                scheduler,
-                batches[start : start + per_step],
-                settings,
-                train.timestep_chunk,
-                generator,
+                accelerator, unet, scheduler, batches, settings, train.timestep_chunk, generator
             )
             grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()
