@@ -1,7 +1,11 @@
 """`ddpo-lite`: the command line. It parses, validates and calls the API; nothing more.
 
 ddpo-lite train --preset tiny [--set train.learning_rate=1e-4 ...] [--output DIR]
-ddpo-lite presets
+ddpo-lite train --resume DIR [--set num_epochs=200]
+ddpo-lite sample --lora runs/tiny/lora --prompt "a cat" [--num 4] [--seed 0]
+ddpo-lite export runs/tiny/lora --output lora_kohya.safetensors
+ddpo-lite presets [show NAME]
+ddpo-lite rewards
 ddpo-lite --version
 """
 
@@ -9,38 +13,120 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
 from ddpo_lite import __version__
-from ddpo_lite.config import ConfigError, list_presets, load_config, preset_path
+from ddpo_lite.config import ConfigError, list_presets, load_config, preset_path, to_toml
 
-_err = Console(stderr=True)
+_err = Console(stderr=True, soft_wrap=True)
+_out = Console(soft_wrap=True)
+
+
+class UsageError(Exception):
+    """A command-line mistake; printed as one line with exit status 2."""
 
 
 def _train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
-    if args.output:
-        overrides.append(f"output_dir={_quote(args.output)}")
-    config = load_config(args.preset, overrides)  # validated before any model loads
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.toml").is_file():
+            raise UsageError(
+                f"--resume {str(run_dir)!r}: no config.toml there, not a ddpo-lite run"
+            )
+        if args.output and Path(args.output) != run_dir:
+            raise UsageError("--resume continues the run in its own folder; drop --output")
+        config = load_config(str(run_dir / "config.toml"), overrides)
+        config.output_dir = str(run_dir)
+    else:
+        if args.output:
+            overrides.append(f"output_dir={_quote(args.output)}")
+        config = load_config(args.preset, overrides)  # validated before any model loads
     from ddpo_lite.trainer import train
 
-    result = train(config)
+    result = train(
+        config,
+        resume=bool(args.resume),
+        overwrite=args.overwrite,
+        show_progress=not args.quiet,
+    )
     last = result.metrics[-1]
-    Console().print(
+    _out.print(
         f"done: {len(result.metrics)} epochs, last reward mean {last['reward_mean']:.4f}; "
         f"LoRA in {result.lora_dir}"
     )
+    if args.export == "kohya":
+        from ddpo_lite.export import export_kohya
+
+        path = export_kohya(result.lora_dir, result.output_dir / "lora_kohya.safetensors")
+        _out.print(f"kohya/A1111/ComfyUI LoRA: {path}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from ddpo_lite.sample import read_prompts_file, sample
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += read_prompts_file(args.prompts)
+    if not prompts:
+        raise UsageError("give at least one --prompt TEXT or a --prompts FILE")
+    if args.lora is None and args.model is None:
+        raise UsageError("give --lora PATH (or --model NAME to sample the base model)")
+    if args.num < 1 or (args.steps is not None and args.steps < 1):
+        raise UsageError("--num and --steps must be at least 1")
+    result = sample(
+        args.lora,
+        prompts,
+        model=args.model,
+        num=args.num,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        output=args.output,
+        device=args.device,
+    )
+    _out.print(f"{len(result.paths)} images and {result.grid} written to {args.output}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ddpo_lite.export import export_kohya
+
+    source = Path(args.lora)
+    output = args.output or (source.parent if source.is_dir() else source.parent.parent)
+    if args.output is None:
+        output = Path(output) / "lora_kohya.safetensors"
+    path = export_kohya(source, output)
+    _out.print(f"kohya/A1111/ComfyUI LoRA written to {path}")
     return 0
 
 
 def _presets(args: argparse.Namespace) -> int:
     import tomllib
 
-    console = Console()
+    if args.action == "show":
+        if not args.name:
+            raise UsageError("usage: ddpo-lite presets show NAME")
+        _out.print(to_toml(load_config(args.name)), markup=False, highlight=False)
+        return 0
+    if args.action:
+        raise UsageError(
+            f"unknown presets action {args.action!r}; use `ddpo-lite presets show NAME`"
+        )
     for name in list_presets():
         data = tomllib.loads(preset_path(name).read_text())
-        console.print(f"[bold]{name}[/bold]  {data.get('description', '')}")
+        _out.print(f"[bold]{name:<20}[/bold] {data.get('description', '')}")
+    return 0
+
+
+def _rewards(args: argparse.Namespace) -> int:
+    from ddpo_lite.rewards import list_rewards
+
+    for name, description in list_rewards().items():
+        _out.print(f"[bold]{name:<24}[/bold] {description}")
     return 0
 
 
@@ -53,23 +139,80 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ddpo-lite", description="Fine-tune Stable Diffusion with DDPO by training a LoRA."
     )
     parser.add_argument("--version", action="version", version=f"ddpo-lite {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="run DDPO training from a preset")
-    train.add_argument(
-        "--preset", required=True, help="preset name (see `ddpo-lite presets`) or a .toml path"
+    train = commands.add_parser(
+        "train", help="run DDPO training", description="Run DDPO from a preset, or resume a run."
+    )
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--preset", help="preset name (see `ddpo-lite presets`) or a path to a .toml file"
+    )
+    source.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint"
     )
     train.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override a config value, e.g. train.learning_rate=1e-4",
+        help="override a config value, e.g. train.learning_rate=1e-4 (repeatable)",
     )
-    train.add_argument("--output", help="output folder (default: the preset's output_dir)")
+    train.add_argument("--output", metavar="DIR", help="output folder (default: the preset's)")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace a previous run in the output folder"
+    )
+    train.add_argument(
+        "--quiet", action="store_true", help="no progress bars: one plain line per epoch"
+    )
+    train.add_argument(
+        "--export",
+        choices=["kohya"],
+        help="also write lora_kohya.safetensors (ComfyUI/A1111 keys) at the end",
+    )
     train.set_defaults(func=_train)
 
-    presets = commands.add_parser("presets", help="list the shipped presets")
+    sample = commands.add_parser(
+        "sample",
+        help="generate images with a trained LoRA",
+        description="Generate images with a LoRA on the base model recorded in it.",
+    )
+    sample.add_argument("--lora", metavar="PATH", help="LoRA folder or .safetensors file")
+    sample.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    sample.add_argument("--prompts", metavar="FILE", help="a file with one prompt per line")
+    sample.add_argument("--model", help="base model (default: the one the LoRA was trained on)")
+    sample.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
+    sample.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
+    sample.add_argument("--steps", type=int, help="DDIM steps (default: as trained)")
+    sample.add_argument("--guidance-scale", type=float, help="CFG scale (default: as trained)")
+    sample.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cpu)")
+    sample.add_argument(
+        "--output", default="samples", metavar="DIR", help="output folder (default: samples)"
+    )
+    sample.set_defaults(func=_sample)
+
+    export = commands.add_parser(
+        "export",
+        help="write a LoRA with kohya keys for ComfyUI / AUTOMATIC1111",
+        description="Convert a ddpo-lite (diffusers-format) LoRA to one kohya-format file.",
+    )
+    export.add_argument("lora", metavar="LORA", help="LoRA folder or .safetensors file")
+    export.add_argument(
+        "--output", metavar="FILE", help="default: lora_kohya.safetensors beside the LoRA folder"
+    )
+    export.set_defaults(func=_export)
+
+    presets = commands.add_parser(
+        "presets",
+        help="list the shipped presets, or show one",
+        description="`ddpo-lite presets` lists them; `ddpo-lite presets show NAME` prints the "
+        "fully resolved TOML.",
+    )
+    presets.add_argument("action", nargs="?", choices=["show"], help="show one preset")
+    presets.add_argument("name", nargs="?", help="preset name")
     presets.set_defaults(func=_presets)
+
+    rewards = commands.add_parser("rewards", help="list the built-in rewards")
+    rewards.set_defaults(func=_rewards)
     return parser
 
 
@@ -78,20 +221,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        _err.print(f"[red]config error:[/red] {err}")
+        _err.print(f"[red]config error:[/red] {_escape(err)}", highlight=False)
         return 2
     except KeyboardInterrupt:
-        _err.print("interrupted; the last saved LoRA is intact")
+        _err.print("interrupted; the last checkpoint is intact (continue with --resume)")
         return 130
     except Exception as err:
-        from ddpo_lite.models import ModelLoadError
-        from ddpo_lite.models.memory import MissingDependencyError
-        from ddpo_lite.rewards import UnknownRewardError
-
-        if isinstance(err, ModelLoadError | MissingDependencyError | UnknownRewardError):
-            _err.print(f"[red]error:[/red] {err}")
+        if _is_user_error(err):
+            _err.print(f"[red]error:[/red] {_escape(err)}", highlight=False)
             return 2
         raise
+
+
+def _escape(err: BaseException) -> str:
+    from rich.markup import escape
+
+    return escape(str(err))
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """Errors a user can cause and fix: printed as one line, never a traceback."""
+    from ddpo_lite.checkpoint import CheckpointError
+    from ddpo_lite.lora_files import LoraFileError
+    from ddpo_lite.models import ModelLoadError
+    from ddpo_lite.models.memory import MissingDependencyError
+    from ddpo_lite.rewards import UnknownRewardError
+
+    user_errors = (
+        UsageError,
+        CheckpointError,
+        ModelLoadError,
+        MissingDependencyError,
+        UnknownRewardError,
+        LoraFileError,
+        FileNotFoundError,
+    )
+    return isinstance(err, user_errors)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Layers, later wins: dataclass defaults -> preset (a name in presets/ or a path t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 import types
 import typing
@@ -122,7 +123,11 @@ class Config:
     num_epochs: int = 100
     output_dir: str = "runs/ddpo"
     save_every: int = 1
-    """Save the LoRA every this many epochs (and always at the end)."""
+    """Save the LoRA and a resumable checkpoint every this many epochs (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the latest checkpoints to keep in output_dir/checkpoints."""
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """accelerate trackers: any of 'tensorboard', 'wandb'; [] for none (metrics.jsonl always)."""
     preset: str = ""
     """Name of the preset this config came from (recorded in outputs)."""
     description: str = ""
@@ -141,6 +146,12 @@ class Config:
         checks = [
             ("num_epochs", self.num_epochs >= 1, "an integer >= 1"),
             ("save_every", self.save_every >= 1, "an integer >= 1"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, "an integer >= 1"),
+            (
+                "log_with",
+                set(self.log_with) <= set(TRACKERS),
+                f"a list of {', '.join(map(repr, TRACKERS))}",
+            ),
             ("sample.num_steps", s.num_steps >= 1, "an integer >= 1"),
             ("sample.eta", s.eta >= 0, "a number >= 0 (DDPO needs > 0; the paper uses 1.0)"),
             ("sample.guidance_scale", s.guidance_scale >= 0, "a number >= 0"),
@@ -196,6 +207,7 @@ class Config:
 
 
 ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr")
+TRACKERS = ("tensorboard", "wandb")
 PRECISIONS = ("no", "fp16", "bf16")
 ATTENTIONS = ("sdpa", "xformers", "math")
 
@@ -243,8 +255,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     for key, value in data.items():
         name = f"{prefix}{key}"
         if key not in fields:
-            known = ", ".join(sorted(f"{prefix}{f}" for f in fields))
-            raise ConfigError(f"unknown config key {name!r}; known keys here: {known}")
+            raise ConfigError(f"unknown config key {name!r}; {_suggest(key, fields, prefix)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -252,6 +263,15 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             _apply(current, value, prefix=f"{name}.")
         else:
             setattr(obj, key, _coerce(name, value, hints[key]))
+
+
+def _suggest(key: str, fields: set[str], prefix: str) -> str:
+    """'did you mean X?' for the nearest known key, else the list of known keys."""
+    nearest = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.6)
+    if nearest:
+        return f"did you mean {prefix + nearest[0]!r}?"
+    known = ", ".join(sorted(f"{prefix}{f}" for f in fields))
+    return f"known keys here: {known}"
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -302,11 +322,19 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"preset {str(path)!r} is not valid TOML: {err}") from None
         _apply(config, data)
+        _resolve_relative_prompt_file(config, path.parent)
         if not config.preset:
             config.preset = path.stem
     for text in overrides:
         _apply(config, parse_override(text))
     return config.validate()
+
+
+def _resolve_relative_prompt_file(config: Config, preset_dir: Path) -> None:
+    """A preset's relative `prompts.file` names a file beside the preset (presets/prompts/...)."""
+    file = config.prompts.file
+    if file and not Path(file).is_absolute() and (preset_dir / file).is_file():
+        config.prompts.file = str((preset_dir / file).resolve())
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -225,6 +225,13 @@ class PromptEncoder:
         self._negative: torch.Tensor | None = None
         pipe.text_encoder.to("cpu" if offload else self.device)
 
+    def preload(self, prompts: Sequence[str], batch_size: int = 64) -> None:
+        """Encode `prompts` now, in fixed sorted batches: a prompt's embedding then does not depend
+        on which prompts an epoch happened to draw with it (a resumed run matches a straight one)."""
+        distinct = sorted(set(prompts))
+        for start in range(0, len(distinct), batch_size):
+            self(distinct[start : start + batch_size])
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds (B, L, D), negative_embeds (1, L, D)) for `prompts`."""

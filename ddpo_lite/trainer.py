@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import resource
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,12 +29,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import DDIMScheduler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from ddpo_lite import __version__
 from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages
 from ddpo_lite.algorithms import ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_weights
-from ddpo_lite.config import Config, ConfigError, to_toml
+from ddpo_lite.checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
+from ddpo_lite.config import Config, ConfigError, to_dict, to_toml
 from ddpo_lite.grid import make_grid
 from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import attach_lora, save_lora
@@ -111,7 +121,12 @@ def make_accelerator(config: Config) -> Accelerator:
     """An Accelerator for this config. accelerate keeps one global state per process; it is reset
     (keeping the process group) so that train() can be called again with another precision."""
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=config.memory.mixed_precision, cpu=config.memory.cpu)
+    accelerator = Accelerator(
+        mixed_precision=config.memory.mixed_precision,
+        cpu=config.memory.cpu,
+        log_with=list(config.log_with) or None,
+        project_dir=config.output_dir,
+    )
     if accelerator.device.type == "cpu" and config.memory.mixed_precision == "fp16":
         raise ConfigError(
             "memory.mixed_precision = 'fp16' needs a GPU (CPU autocast is bf16): "
@@ -366,36 +381,144 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _progress(accelerator: Accelerator) -> Progress:
+def _progress(console: Console, enabled: bool) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        disable=not accelerator.is_main_process,
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
         transient=True,
     )
 
 
-def train(config: Config, reward_fn=None) -> TrainResult:
+#: Prompt lists up to this size are encoded once at the start (a few MB of embeddings).
+PRELOAD_PROMPTS = 512
+
+
+class RunExistsError(ConfigError):
+    """The output folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+#: What a run writes into its output folder (and `overwrite` removes; nothing else is touched).
+RUN_FILES = (
+    "config.toml",
+    "metrics.jsonl",
+    "README.md",
+    "lora",
+    "samples",
+    "logs",
+    CHECKPOINTS,
+)
+
+
+def holds_run(output_dir: Path) -> bool:
+    return any((output_dir / name).exists() for name in RUN_FILES)
+
+
+def prepare_output(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Check the output folder against resume/overwrite; returns the checkpoint to resume from.
+
+    A new run refuses a folder that holds one. `overwrite` deletes the previous run's files
+    (only those in `RUN_FILES`). `resume` of a run that never reached a checkpoint starts it over.
+    """
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: choose one")
+    if resume:
+        if not holds_run(output_dir):
+            raise ConfigError(f"nothing to resume: {str(output_dir)!r} holds no ddpo-lite run")
+        return latest_checkpoint(output_dir)
+    if holds_run(output_dir):
+        if not overwrite:
+            raise RunExistsError(
+                f"output folder {str(output_dir)!r} already holds a run: pass --resume to "
+                "continue it, --overwrite to replace it, or choose another --output"
+            )
+        for name in RUN_FILES:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    return None
+
+
+def _tracker_config(config: Config) -> dict[str, int | float | str | bool]:
+    """The config flattened to scalars, as TensorBoard's hparams want them."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in to_dict(config).items():
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for sub, item in items:
+            name = f"{key}.{sub}" if sub else key
+            flat[name] = item if isinstance(item, int | float | str | bool) else str(item)
+    return flat
+
+
+def _summary(epoch: int, num_epochs: int, row: dict) -> str:
+    """One plain line per epoch: reward, KL, clip fraction, time, memory."""
+    parts = [
+        f"epoch {epoch + 1}/{num_epochs}",
+        f"reward {row['reward_mean']:.4g} ± {row['reward_std']:.3g}",
+    ]
+    if "approx_kl" in row:
+        parts.append(f"kl {row['approx_kl']:.3g}")
+    if "clipfrac" in row:
+        parts.append(f"clip {row['clipfrac']:.3f}")
+    parts += [
+        f"{row['epoch_seconds']:.1f} s/epoch",
+        f"{row['samples_per_second']:.2f} samples/s",
+        f"peak mem {row['peak_memory_bytes'] / 2**30:.2f} GiB",
+    ]
+    return "  ".join(parts)
+
+
+def _metrics_before(path: Path, epoch: int) -> list[dict]:
+    """The metrics.jsonl rows of epochs before `epoch` (a resumed run rewrites the rest)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            continue
+        if row.get("epoch", epoch) < epoch:
+            rows.append(row)
+    return rows
+
+
+def train(
+    config: Config,
+    reward_fn=None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> TrainResult:
     """Run DDPO with `config`; returns per-epoch metrics and where the LoRA was written.
 
     `reward_fn` overrides `config.reward.name` with a callable (images, prompts, metadata) ->
-    (rewards, info).
+    (rewards, info). `resume` continues the run in `config.output_dir` from its latest
+    checkpoint; `overwrite` replaces a previous run there (a new run refuses such a folder).
+    `show_progress` False leaves only the one-line summary per epoch.
     """
     config.validate()
     prompts = load_prompts(config.prompts)
+    output_dir = Path(config.output_dir)
+    checkpoint = prepare_output(output_dir, resume, overwrite)
     accelerator = make_accelerator(config)
     device = accelerator.device
     reward = reward_fn or get_reward(config.reward.name)
-    output_dir = Path(config.output_dir)
     lora_dir = output_dir / "lora"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.toml").write_text(to_toml(config))
-        (output_dir / "metrics.jsonl").write_text("")  # a new run starts a new log
+    metrics_file = output_dir / "metrics.jsonl"
+    console = Console(soft_wrap=True)
 
     run = build_components(config, accelerator)
+    if len(prompts) <= PRELOAD_PROMPTS:
+        run.encoder.preload(prompts)
     pipe = run.pipe
     tracker = (
         PerPromptStatTracker(config.advantages.buffer_size, config.advantages.min_count)
@@ -404,23 +527,32 @@ def train(config: Config, reward_fn=None) -> TrainResult:
     )
     # each process draws its own prompts and noise; the update's shuffles need not agree
     generator = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
-    metadata = {
-        "base_model": config.model.name,
-        "rank": config.lora.rank,
-        "alpha": config.lora.alpha,
-        "preset": config.preset,
-        "version": __version__,
-    }
-
+    first_epoch = 0
+    if checkpoint is not None:
+        first_epoch = _restore(checkpoint, run, tracker, generator, accelerator)
     result = TrainResult(output_dir=output_dir, lora_dir=lora_dir, pipeline=pipe)
-    with _progress(accelerator) as progress:
-        for epoch in range(config.num_epochs):
+    result.metrics = _metrics_before(metrics_file, first_epoch)
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.toml").write_text(to_toml(config))
+        with metrics_file.open("w") as f:  # a resumed run drops the rows it will redo
+            f.writelines(json.dumps(row) + "\n" for row in result.metrics)
+        if resume:
+            where = f"epoch {first_epoch}" if checkpoint else "the start (no checkpoint yet)"
+            console.print(f"resuming {output_dir} from {where}")
+    if config.log_with:
+        accelerator.init_trackers("logs", config=_tracker_config(config))
+    metadata = lora_metadata(config)
+
+    enabled = show_progress and accelerator.is_main_process and console.is_terminal
+    with _progress(console, enabled) as progress:
+        for epoch in range(first_epoch, config.num_epochs):
             start = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            task = progress.add_task(
-                f"epoch {epoch} sampling", total=config.sample.num_batches_per_epoch
-            )
+            label = f"epoch {epoch + 1}/{config.num_epochs}"
+            task = progress.add_task(f"{label} sampling", total=config.sample.num_batches_per_epoch)
             advance = functools.partial(progress.advance, task)
 
             # 1. rollout: images and their trajectories, from the current policy
@@ -430,8 +562,10 @@ def train(config: Config, reward_fn=None) -> TrainResult:
             sampled_at = time.perf_counter()
 
             # 2-3. rewards and advantages over every process's samples; non-finite ones dropped
+            progress.update(task, description=f"{label} rewarding", completed=0, total=1)
             raw, _info = reward(images, texts, [{} for _ in images])
             scored = score_epoch(raw, trajectory, prompts, tracker, config, accelerator)
+            rewarded_at = time.perf_counter()
             if scored.dropped:
                 warnings.warn(
                     f"epoch {epoch}: {scored.dropped} sample(s) had a non-finite reward or "
@@ -441,7 +575,7 @@ def train(config: Config, reward_fn=None) -> TrainResult:
 
             # 4. update
             total = _optimizer_steps(config, len(trajectory))
-            progress.update(task, description=f"epoch {epoch} training", completed=0, total=total)
+            progress.update(task, description=f"{label} training", completed=0, total=total)
             stats = update(
                 accelerator,
                 run.unet,
@@ -466,19 +600,148 @@ def train(config: Config, reward_fn=None) -> TrainResult:
                 **stats,
                 "epoch_seconds": seconds,
                 "sampling_seconds": sampled_at - start,
+                "reward_seconds": rewarded_at - sampled_at,
                 "samples_per_second": accelerator.num_processes * len(trajectory) / seconds,
                 "peak_memory_bytes": _peak_memory(device),
             }
             result.metrics.append(row)
+            accelerator.log(row, step=epoch)
             if accelerator.is_main_process:
-                with (output_dir / "metrics.jsonl").open("a") as f:
+                with metrics_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 save_samples(images, texts, raw, output_dir / "samples" / f"epoch_{epoch:04d}.png")
-                if epoch + 1 == config.num_epochs or (epoch + 1) % config.save_every == 0:
-                    save_lora(run.policy, lora_dir, {**metadata, "epoch": epoch + 1})
+                console.print(_summary(epoch, config.num_epochs, row))
+            if epoch + 1 == config.num_epochs or (epoch + 1) % config.save_every == 0:
+                _save(epoch + 1, run, tracker, generator, accelerator, config, metadata, result)
             accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def lora_metadata(config: Config) -> dict:
+    """What a saved LoRA records about its run: enough for `ddpo-lite sample` to rebuild it."""
+    base = config.model.name
+    if base == "tiny":  # the seed is part of the tiny model's identity
+        base = f"tiny:{config.model.seed}"
+    return {
+        "base_model": base,
+        "rank": config.lora.rank,
+        "alpha": config.lora.alpha,
+        "preset": config.preset,
+        "reward": config.reward.name,
+        "num_steps": config.sample.num_steps,
+        "guidance_scale": config.sample.guidance_scale,
+        "eta": config.sample.eta,
+        "version": __version__,
+    }
+
+
+def _restore(
+    checkpoint: Path,
+    run: Components,
+    tracker: PerPromptStatTracker | None,
+    generator: torch.Generator,
+    accelerator: Accelerator,
+) -> int:
+    """Load a checkpoint into the run; returns the epoch to continue with."""
+    state = load_checkpoint(checkpoint, unet=run.policy, optimizer=run.optimizer)
+    if len(state.generator_states) != accelerator.num_processes:
+        raise ConfigError(
+            f"checkpoint {str(checkpoint)!r} was written by {len(state.generator_states)} "
+            f"process(es); resume it with the same number (this run has "
+            f"{accelerator.num_processes})"
+        )
+    generator.set_state(state.generator_states[accelerator.process_index])
+    torch.set_rng_state(state.torch_rng_state)
+    if tracker is not None and state.tracker is not None:
+        tracker.load_state_dict(state.tracker)
+    return state.epoch
+
+
+def _save(
+    epochs_done: int,
+    run: Components,
+    tracker: PerPromptStatTracker | None,
+    generator: torch.Generator,
+    accelerator: Accelerator,
+    config: Config,
+    metadata: dict,
+    result: TrainResult,
+) -> None:
+    """Write the checkpoint and the user-facing LoRA and model card (main process)."""
+    # every process's generator state, so that a resumed run draws what this one would have
+    states = accelerator.gather(generator.get_state()[None].to(accelerator.device)).cpu()
+    if not accelerator.is_main_process:
+        return
+    save_checkpoint(
+        result.output_dir,
+        epochs_done,
+        unet=run.policy,
+        optimizer=run.optimizer,
+        tracker_state=tracker.state_dict() if tracker is not None else None,
+        generator_states=list(states),
+        lora_metadata={**metadata, "epoch": epochs_done},
+        keep=config.keep_checkpoints,
+    )
+    save_lora(run.policy, result.lora_dir, {**metadata, "epoch": epochs_done})
+    write_model_card(result.output_dir, config, metadata, epochs_done, result.metrics)
+
+
+def write_model_card(
+    output_dir: Path, config: Config, metadata: dict, epochs_done: int, metrics: list[dict]
+) -> None:
+    """README.md for the run: what was trained, and how to load and export the LoRA."""
+    last = metrics[-1] if metrics else {}
+    first = metrics[0] if metrics else {}
+    rewards = (
+        f"{first.get('reward_mean', float('nan')):.4g} (epoch 1) -> "
+        f"{last.get('reward_mean', float('nan')):.4g} (epoch {epochs_done})"
+    )
+    base = metadata["base_model"]
+    if base.startswith("tiny"):  # built offline by ddpo-lite, not a hub id
+        load_line = f'from ddpo_lite.models import load_pipeline\n\npipe = load_pipeline("{base}")'
+    else:
+        load_line = f'pipe = StableDiffusionPipeline.from_pretrained("{base}")'
+    text = f"""# ddpo-lite LoRA: {config.preset or "custom config"}
+
+A LoRA for the UNet of `{base}`, fine-tuned with DDPO ({config.train.algorithm}) by
+ddpo-lite {__version__} for the reward `{config.reward.name}`.
+
+- epochs: {epochs_done} of {config.num_epochs}
+- reward mean: {rewards}
+- LoRA rank {config.lora.rank}, alpha {config.lora.alpha}, on {", ".join(config.lora.target_modules)}
+- sampling: {config.sample.num_steps} DDIM steps, eta {config.sample.eta}, \
+guidance {config.sample.guidance_scale}
+- the full configuration is in `config.toml`, per-epoch metrics in `metrics.jsonl`,
+  sample grids in `samples/`
+
+## Load it
+
+```python
+from diffusers import StableDiffusionPipeline
+
+{load_line}
+pipe.load_lora_weights("{output_dir / "lora"}")
+image = pipe("{config.prompts.prompts[0] if config.prompts.prompts else "a cat"}",
+             num_inference_steps={config.sample.num_steps},
+             guidance_scale={config.sample.guidance_scale}).images[0]
+```
+
+or sample from the command line:
+
+```
+ddpo-lite sample --lora {output_dir / "lora"} --prompt "..."
+```
+
+For ComfyUI and AUTOMATIC1111 (kohya key names), export a single file:
+
+```
+ddpo-lite export {output_dir / "lora"} --output {output_dir / "lora_kohya.safetensors"}
+```
+
+Continue this run with `ddpo-lite train --resume {output_dir}`.
+"""
+    (output_dir / "README.md").write_text(text)
 
 
 def sample_epoch(

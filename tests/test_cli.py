@@ -1,50 +1,290 @@
-"""The command line, end to end on the tiny model: what the README tells a user to run."""
+"""The command line, end to end on the tiny model: what the README tells a user to run, and
+every user mistake answered with one line and exit status 2."""
 
 import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
 
 from ddpo_lite import __version__
 from ddpo_lite.cli import main
+from ddpo_lite.config import list_presets, load_config
+from ddpo_lite.models.lora import read_lora_metadata
+from ddpo_lite.models.tiny import tiny_pipeline_dir
+
+SHORT = ["num_epochs=2", "sample.num_steps=3", "sample.num_batches_per_epoch=1"]
 
 
-def test_train_tiny_from_the_command_line(tmp_path, capsys):
-    out = tmp_path / "run"
+def _args(*sets: str) -> list[str]:
+    out = []
+    for item in sets:
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One `ddpo-lite train` run from the command line, shared by the tests below."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    argv = ["train", "--preset", "tiny", *_args(*SHORT), "--output", str(out), "--quiet"]
+    assert main([*argv, "--export", "kohya"]) == 0
+    return out
+
+
+def test_train_leaves_a_complete_run(run_dir, capsys):
+    assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1]
+    for key in ("reward_mean", "reward_std", "reward_min", "reward_max", "approx_kl", "clipfrac"):
+        assert key in rows[0]
+    for key in ("loss", "grad_norm", "epoch_seconds", "samples_per_second", "peak_memory_bytes"):
+        assert key in rows[0]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "epoch_0000.png",
+        "epoch_0001.png",
+    ]
+    # the resolved config loads back as it was
+    config = load_config(str(run_dir / "config.toml"))
+    assert config.num_epochs == 2 and config.sample.num_steps == 3
+    # TensorBoard through accelerate's tracker
+    assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    card = (run_dir / "README.md").read_text()
+    assert "load_lora_weights" in card and "ddpo-lite export" in card
+    meta = read_lora_metadata(run_dir / "lora")
+    assert meta["base_model"] == "tiny:0" and meta["rank"] == "4" and meta["preset"] == "tiny"
+    assert meta["version"] == __version__ and meta["epoch"] == "2"
+
+
+def test_sample_matches_plain_diffusers_and_differs_from_base(run_dir, tmp_path):
+    out = tmp_path / "images"
     code = main(
         [
-            "train",
-            "--preset",
-            "tiny",
-            "--set",
-            "num_epochs=1",
-            "--set",
-            "sample.num_steps=2",
-            "--set",
-            "sample.num_batches_per_epoch=1",
+            "sample",
+            "--lora",
+            str(run_dir / "lora"),
+            "--prompt",
+            "a cat",
+            "--prompt",
+            "a dog",
+            "--num",
+            "2",
+            "--seed",
+            "7",
             "--output",
             str(out),
         ]
     )
     assert code == 0
-    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["epoch"] == 0
-    assert "done: 1 epochs" in capsys.readouterr().out
+    files = sorted(p.name for p in out.glob("*.png"))
+    assert "grid.png" in files and len(files) == 5
+    ours = np.asarray(Image.open(sorted(out.glob("000_01_*.png"))[0]))
+
+    # what a user writes with diffusers alone: image 1 of "a cat" is seed 7 + 1
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_pipeline_dir(0), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+
+    def draw():
+        return np.asarray(
+            pipe(
+                "a cat",
+                num_inference_steps=3,
+                guidance_scale=5.0,
+                eta=1.0,
+                generator=torch.Generator().manual_seed(8),
+            ).images[0]
+        )
+
+    base = draw()
+    pipe.load_lora_weights(run_dir / "lora")
+    tuned = draw()
+    assert np.abs(tuned.astype(int) - ours.astype(int)).max() <= 1  # PNG of the same floats
+    assert np.abs(tuned.astype(int) - base.astype(int)).sum() > 0
 
 
-def test_presets_and_version(capsys):
+def test_resume_from_the_command_line_extends_a_run(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert main(["train", "--resume", str(copy), "--set", "num_epochs=3", "--quiet"]) == 0
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1, 2]
+    printed = capsys.readouterr().out
+    assert "from epoch 2" in printed
+    # not a terminal: no progress bars, one plain summary line per epoch
+    summary = [line for line in printed.splitlines() if line.startswith("epoch 3/3")]
+    assert len(summary) == 1 and "reward" in summary[0] and "s/epoch" in summary[0]
+
+
+def test_kohya_export_from_train_and_from_the_export_command(run_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    exported = load_file(run_dir / "lora_kohya.safetensors")
+    assert exported and all(key.startswith("lora_unet_") for key in exported)
+    target = tmp_path / "mine.safetensors"
+    assert main(["export", str(run_dir / "lora"), "--output", str(target)]) == 0
+    again = load_file(target)
+    assert again.keys() == exported.keys()
+    for key in again:
+        torch.testing.assert_close(again[key], exported[key])
+
+
+def test_presets_list_show_and_version(capsys):
     assert main(["presets"]) == 0
-    assert "tiny" in capsys.readouterr().out
-    try:
+    listed = capsys.readouterr().out
+    for name in ("tiny", "aesthetic", "compressibility", "incompressibility", "prompt-alignment"):
+        assert name in listed
+    assert main(["presets", "show", "aesthetic"]) == 0
+    shown = tomllib.loads(capsys.readouterr().out)
+    assert shown["train"]["learning_rate"] == 3e-4 and shown["reward"]["name"] == "aesthetic"
+    with pytest.raises(SystemExit) as exit_:
         main(["--version"])
-    except SystemExit as exit_:
-        assert exit_.code == 0
+    assert exit_.value.code == 0
     assert __version__ in capsys.readouterr().out
 
 
-def test_unknown_reward_is_a_one_line_error(tmp_path, capsys):
-    code = main(
-        ["train", "--preset", "tiny", "--set", "reward.name='nope'", "--output", str(tmp_path)]
-    )
-    assert code == 2
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["export"], ["presets"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: ddpo-lite" in capsys.readouterr().out
+
+
+def test_paper_presets_hold_the_paper_settings():
+    for name in ("aesthetic", "compressibility", "incompressibility", "prompt-alignment"):
+        config = load_config(name)
+        assert config.model.name == "CompVis/stable-diffusion-v1-4"
+        assert (config.sample.num_steps, config.sample.eta, config.sample.guidance_scale) == (
+            50,
+            1.0,
+            5.0,
+        )
+        assert config.train.learning_rate == 3e-4 and config.train.clip_range == 1e-4
+        assert config.train.adv_clip_max == 5 and config.lora.rank == 4
+        jpeg = name.endswith("compressibility")
+        assert (config.advantages.buffer_size, config.advantages.min_count) == (
+            (16, 16) if jpeg else (32, 16)
+        )
+        lines = [
+            line
+            for line in Path(config.prompts.file).read_text().splitlines()
+            if line and not line.startswith("#")
+        ]
+        assert len(lines) == (135 if name == "prompt-alignment" else 45)
+        assert all(line.startswith(("a ", "an ")) for line in lines)
+    assert "tiny" in list_presets()
+
+
+def _one_line_error(capsys, argv, *expected):
+    code = main(argv)
     err = capsys.readouterr().err
-    assert "unknown reward 'nope'" in err and "jpeg_compressibility" in err
+    assert code == 2, err
     assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+def test_bad_input_is_one_line(tmp_path, capsys, run_dir):
+    out = ["--output", str(tmp_path / "x")]
+    _one_line_error(capsys, ["train", "--preset", "nope"], "unknown preset 'nope'", "tiny")
+    _one_line_error(
+        capsys,
+        ["train", "--preset", "tiny", *_args("train.learning_rate=fast"), *out],
+        "train.learning_rate",
+        "expected float",
+    )
+    _one_line_error(
+        capsys,
+        ["train", "--preset", "tiny", *_args("train.learnin_rate=1e-3"), *out],
+        "unknown config key 'train.learnin_rate'",
+        "did you mean 'train.learning_rate'",
+    )
+    _one_line_error(capsys, ["train", "--preset", "tiny", *_args("num_epochs"), *out], "key.sub")
+    _one_line_error(
+        capsys,
+        ["train", "--preset", "tiny", *_args("reward.name='nope'"), *out],
+        "unknown reward 'nope'",
+        "jpeg_compressibility",
+    )
+    _one_line_error(
+        capsys,
+        ["train", "--preset", "tiny", "--output", str(run_dir)],
+        "already holds a run",
+        "--resume",
+        "--overwrite",
+    )
+    _one_line_error(
+        capsys,
+        ["train", "--preset", "tiny", *_args("model.name='nobody/no-such-model'"), *out],
+        "nobody/no-such-model",
+        "tiny",
+    )
+    _one_line_error(
+        capsys,
+        ["sample", "--lora", str(tmp_path / "missing"), "--prompt", "a cat"],
+        "does not exist",
+        "missing",
+    )
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(os.urandom(256))
+    _one_line_error(
+        capsys,
+        ["sample", "--lora", str(corrupt), "--prompt", "a cat"],
+        "corrupt.safetensors",
+        "not a readable safetensors file",
+    )
+    _one_line_error(capsys, ["sample", "--lora", str(run_dir / "lora")], "--prompt")
+    _one_line_error(capsys, ["train", "--resume", str(tmp_path)], "not a ddpo-lite run")
+
+
+@pytest.mark.slow
+def test_presets_ship_in_the_wheel(tmp_path):
+    """`pip install .` into a fresh venv, then from outside the repo the presets list, show and
+    resolve their prompt files inside the installed package."""
+    repo = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    wheels = tmp_path / "wheels"
+    subprocess.run(  # the wheel `pip install .` builds, with this interpreter's setuptools
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+        + [str(repo), "-w", str(wheels)],
+        check=True,
+        cwd=tmp_path,
+    )
+    wheel = next(wheels.glob("ddpo_lite-*.whl"))
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
+    script = (
+        "import ddpo_lite, ddpo_lite.config as c, pathlib;"
+        "cfg = c.load_config('aesthetic');"
+        "print(ddpo_lite.__file__); print(cfg.prompts.file);"
+        "print(len(pathlib.Path(cfg.prompts.file).read_text().splitlines()))"
+    )
+    shown = subprocess.run(
+        [str(python), "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    site = str(venv)
+    assert shown[0].startswith(site) and shown[1].startswith(site), shown
+    assert int(shown[2]) == 46  # 45 animals and a comment line
+    listed = subprocess.run(
+        [str(venv / "bin" / "ddpo-lite"), "presets"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "aesthetic" in listed and "tiny" in listed

@@ -197,7 +197,7 @@ def test_run_outputs_and_metrics(trained):
     grids = sorted(p.name for p in (result.output_dir / "samples").glob("*.png"))
     assert grids == ["epoch_0000.png", "epoch_0001.png"]
     meta = read_lora_metadata(result.lora_dir)
-    assert meta["base_model"] == "tiny" and meta["rank"] == "4" and meta["epoch"] == "2"
+    assert meta["base_model"] == "tiny:0" and meta["rank"] == "4" and meta["epoch"] == "2"
 
 
 def test_saved_lora_loads_in_plain_diffusers(trained):

@@ -1,0 +1,140 @@
+"""Checkpoints and resume: a resumed run continues exactly, a killed run loses at most one epoch,
+and an output folder that holds a run is never overwritten by accident."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from ddpo_lite.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from ddpo_lite.config import ConfigError
+from ddpo_lite.models.lora import LORA_WEIGHT_NAME
+from ddpo_lite.trainer import RunExistsError, train
+
+# per-prompt statistics on, so that the tracker's buffers must survive the resume too
+SHORT = [
+    "sample.num_steps=3",
+    "sample.num_batches_per_epoch=1",
+    "advantages.per_prompt_stat_tracking=true",
+    "advantages.min_count=2",
+    "log_with=[]",
+]
+
+
+def _lora(output_dir):
+    return load_file(output_dir / "lora" / LORA_WEIGHT_NAME)
+
+
+def _rows(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_plus_two_epochs_equal_four(tmp_path):
+    straight = tiny_config(tmp_path / "a", "num_epochs=4", *SHORT)
+    train(straight, show_progress=False)
+
+    first = tiny_config(tmp_path / "b", "num_epochs=2", *SHORT)
+    train(first, show_progress=False)
+    assert [p.name for p in list_checkpoints(first.output_dir)] == ["epoch_0001", "epoch_0002"]
+    rest = tiny_config(tmp_path / "b", "num_epochs=4", *SHORT)
+    result = train(rest, resume=True, show_progress=False)
+
+    assert [row["epoch"] for row in result.metrics] == [0, 1, 2, 3]
+    a, b = _lora(tmp_path / "a" / "run"), _lora(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
+    moved = sum(float(v.abs().sum()) for k, v in a.items() if "lora.up" in k)
+    assert moved > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    # the resumed run drew the same samples: same rewards, epoch by epoch
+    rows_a, rows_b = _rows(tmp_path / "a" / "run"), _rows(tmp_path / "b" / "run")
+    assert [r["epoch"] for r in rows_b] == [0, 1, 2, 3]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra["reward_mean"] == pytest.approx(rb["reward_mean"], rel=1e-6)
+    # checkpoints are named by epochs completed, and only the latest two are kept
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == [
+        "epoch_0003",
+        "epoch_0004",
+    ]
+
+
+def test_checkpoint_restores_optimizer_and_tracker(tmp_path):
+    config = tiny_config(tmp_path, "num_epochs=1", *SHORT)
+    result = train(config, show_progress=False)
+    checkpoint = latest_checkpoint(config.output_dir)
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["epoch"] == 1
+    assert sum(len(b) for b in state["tracker"]["buffers"].values()) == 8
+    # loading into a fresh optimizer gives back the saved moments
+    optimizer = torch.optim.AdamW([p for p in result.pipeline.unet.parameters() if p.requires_grad])
+    load_checkpoint(checkpoint, unet=result.pipeline.unet, optimizer=optimizer)
+    saved = load_file(checkpoint / "optimizer.safetensors")
+    restored = optimizer.state_dict()["state"]
+    assert len(restored) == len({k.split("/")[0] for k in saved})
+    torch.testing.assert_close(restored[0]["exp_avg"], saved["0/exp_avg"])
+
+
+def test_output_folder_with_a_run_is_refused(tmp_path):
+    config = tiny_config(tmp_path, "num_epochs=1", *SHORT)
+    train(config, show_progress=False)
+    with pytest.raises(RunExistsError, match="--resume.*--overwrite"):
+        train(config, show_progress=False)
+    marker = tmp_path / "run" / "notes.txt"
+    marker.write_text("mine")
+    train(config, overwrite=True, show_progress=False)
+    assert marker.read_text() == "mine"  # overwrite removes only what a run writes
+    assert len(_rows(tmp_path / "run")) == 1
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(tiny_config(tmp_path / "empty", *SHORT), resume=True)
+
+
+def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
+    """A run killed with SIGKILL mid-epoch resumes from its last checkpoint; the finished run
+    has each epoch's metrics exactly once, and every checkpoint left behind loads."""
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--output", str(out), "--quiet"]
+    sets = ["num_epochs=5", "sample.num_steps=5", "log_with=[]"]
+    for item in sets:
+        args += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpo_lite.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+                time.sleep(0.5)  # into the next epoch
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        done_at_kill = len(metrics.read_text().splitlines())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    checkpoint = latest_checkpoint(out)
+    epoch = int(checkpoint.name.split("_")[1])
+    assert epoch >= done_at_kill - 1  # at most the epoch being saved or run is lost
+    for folder in list_checkpoints(out):
+        assert json.loads((folder / "state.json").read_text())["epoch"] == int(
+            folder.name.split("_")[1]
+        )
+
+    from ddpo_lite.cli import main
+
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert [row["epoch"] for row in _rows(out)] == list(range(5))
+    assert latest_checkpoint(out).name == "epoch_0005"
