@@ -50,6 +50,8 @@ class CheckpointState:
     generator_states: list[torch.Tensor]
     """One sampling-generator state per process, by process index."""
     torch_rng_state: torch.Tensor
+    extra: dict[str, Any]
+    """The loop's own state (e.g. the guard's best evaluation)."""
 
 
 def checkpoint_dir(output_dir: str | Path, epoch: int) -> Path:
@@ -115,6 +117,7 @@ def save_checkpoint(
     generator_states: list[torch.Tensor],
     lora_metadata: dict[str, Any],
     keep: int = 2,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint for `epoch` completed epochs atomically; keep the latest `keep`."""
     final = checkpoint_dir(output_dir, epoch)
@@ -135,6 +138,7 @@ def save_checkpoint(
             "epoch": epoch,
             "num_processes": len(generator_states),
             "tracker": tracker_state,
+            "extra": extra or {},
             "optimizer": rest,
             "version": __version__,
         }
@@ -177,4 +181,5 @@ def load_checkpoint(
         tracker=state.get("tracker"),
         generator_states=generators,
         torch_rng_state=rng["torch"],
+        extra=state.get("extra") or {},
     )

@@ -3,6 +3,7 @@
 ddpo-lite train --preset tiny [--set train.learning_rate=1e-4 ...] [--output DIR]
 ddpo-lite train --resume DIR [--set num_epochs=200]
 ddpo-lite sample --lora runs/tiny/lora --prompt "a cat" [--num 4] [--seed 0]
+ddpo-lite eval --lora runs/tiny/lora --prompts heldout.txt
 ddpo-lite export runs/tiny/lora --output lora_kohya.safetensors
 ddpo-lite presets [show NAME]
 ddpo-lite rewards
@@ -104,6 +105,46 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from ddpo_lite.evaluate import compare, evaluate_lora
+
+    files = {Path(f).stem: f for f in args.prompts or []}
+    if args.num < 1:
+        raise UsageError("--num must be at least 1")
+    base, tuned = evaluate_lora(
+        args.lora,
+        model=args.model,
+        prompt_files=files,
+        reward_name=args.reward,
+        num_per_prompt=args.num,
+        seed=args.seed,
+        steps=args.steps,
+        device=args.device or "cpu",
+    )
+    table = Table(title="held-out evaluation" + (f": {args.lora}" if args.lora else ""))
+    if tuned is None:
+        for column in ("group", "n", "base mean", "base std"):
+            table.add_column(column)
+        for name, group in base.items():
+            table.add_row(name, str(group.rewards.size), f"{group.mean:.4g}", f"{group.std:.4g}")
+    else:
+        for column in ("group", "n", "base", "tuned", "tuned - base", "std. error"):
+            table.add_column(column)
+        for row in compare(base, tuned):
+            table.add_row(
+                row["group"],
+                str(row["n"]),
+                f"{row['base']:.4g}",
+                f"{row['tuned']:.4g}",
+                f"{row['difference']:+.4g}",
+                f"{row['standard_error']:.2g}",
+            )
+    _out.print(table)
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     import tomllib
 
@@ -190,6 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.set_defaults(func=_sample)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="compare a LoRA with its base model on held-out prompts",
+        description="Evaluate the base model and the LoRA on the same noise, per prompt group: "
+        "means, the difference and its standard error.",
+    )
+    evaluate.add_argument("--lora", metavar="PATH", help="LoRA folder or file (omit: base only)")
+    evaluate.add_argument("--model", help="base model (default: the one in the LoRA)")
+    evaluate.add_argument(
+        "--prompts",
+        action="append",
+        metavar="FILE",
+        help="a prompt group, one prompt per line (repeatable; default: the preset's [eval])",
+    )
+    evaluate.add_argument("--reward", help="reward name (default: the one the LoRA trained on)")
+    evaluate.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
+    evaluate.add_argument("--seed", type=int, default=20231, help="prompt j uses seed + j")
+    evaluate.add_argument("--steps", type=int, help="DDIM steps (default: as trained)")
+    evaluate.add_argument("--device", help="torch device (default: cpu)")
+    evaluate.set_defaults(func=_eval)
+
     export = commands.add_parser(
         "export",
         help="write a LoRA with kohya keys for ComfyUI / AUTOMATIC1111",
@@ -210,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("action", nargs="?", choices=["show"], help="show one preset")
     presets.add_argument("name", nargs="?", help="preset name")
     presets.set_defaults(func=_presets)
+
+    serve = commands.add_parser(
+        "serve-reward",
+        help="serve a reward over HTTP (JSON + PNG) for runs on other GPUs or machines",
+        description="Serve a registered reward: POST /score with base64 PNG images, GET /health. "
+        "Point a run at it with --set reward.url='http://HOST:PORT'.",
+    )
+    from ddpo_lite.rewards.server import add_arguments, run_from_args
+
+    add_arguments(serve)
+    serve.set_defaults(func=run_from_args)
 
     rewards = commands.add_parser("rewards", help="list the built-in rewards")
     rewards.set_defaults(func=_rewards)
@@ -246,6 +319,7 @@ def _is_user_error(err: BaseException) -> bool:
     from ddpo_lite.models import ModelLoadError
     from ddpo_lite.models.memory import MissingDependencyError
     from ddpo_lite.rewards import UnknownRewardError
+    from ddpo_lite.rewards.compose import RewardError
 
     user_errors = (
         UsageError,
@@ -254,6 +328,7 @@ def _is_user_error(err: BaseException) -> bool:
         MissingDependencyError,
         UnknownRewardError,
         LoraFileError,
+        RewardError,
         FileNotFoundError,
     )
     return isinstance(err, user_errors)

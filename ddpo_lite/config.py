@@ -63,6 +63,9 @@ class TrainConfig:
     """Samples per forward+backward batch on each process."""
     gradient_accumulation: int = 4
     """Sample batches per optimizer step."""
+    micro_batch_size: int = 0
+    """Samples per forward+backward inside a train batch (0 = the whole batch): the paper's
+    batch sizes without the paper's activation memory; the gradient is the same."""
     num_inner_epochs: int = 1
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's timesteps trained on, drawn at random per sample."""
@@ -77,6 +80,9 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     rwr_weighting: str = "exp"
     """RWR only: 'exp' (weights exp(r / temperature)) or 'sparse' (top quantile)."""
+    kl_coef: float = 0.0
+    """Weight of a KL(policy || base) penalty in the loss; 0 is the paper's algorithm and costs
+    nothing (no base forward)."""
     rwr_temperature: float = 1.0
     rwr_sparse_quantile: float = 0.9
 
@@ -110,11 +116,58 @@ class MemoryConfig:
     """Keep the text encoder on the CPU; it visits the accelerator only to encode new prompts."""
     cpu: bool = False
     """Run on the CPU even where an accelerator is present."""
+    offload_reward: bool = False
+    """Move the reward model off the accelerator between calls."""
 
 
 @dataclass
 class RewardConfig:
     name: str = "jpeg_compressibility"
+    """A registered reward (`ddpo-lite rewards`), or your own as 'module:function' or
+    'path/to/file.py:function' (a callable (images, prompts, metadata) -> (rewards, info))."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """A weighted sum of rewards instead of `name`, e.g. {aesthetic = 1.0, jpeg_compressibility = 0.1}."""
+    models: dict[str, str] = field(default_factory=dict)
+    """A hub id or local path per model-based reward, replacing its default model."""
+    url: str = ""
+    """Score through a reward server (`ddpo-lite serve-reward`) at this URL instead of in-process."""
+    timeout: float = 120.0
+    """Reward server only: seconds to wait for one answer."""
+    retries: int = 3
+    """Reward server only: attempts after the first, with exponential backoff, before the run stops."""
+    backoff: float = 1.0
+    """Reward server only: seconds before the first retry; doubled before each next one."""
+    overlap: bool = True
+    """Score each sampled batch in a worker thread while the next batch is sampled."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on the held-out prompts every this many epochs (0 = never); also once before
+    the first epoch, as the baseline."""
+    prompts: dict[str, str] = field(default_factory=dict)
+    """Prompt groups: {group = "file.txt"}; a preset's relative paths are beside the preset."""
+    num_per_prompt: int = 4
+    max_prompts: int = 0
+    """At most this many prompts per group (0 = all)."""
+    seed: int = 20231
+    """Prompt j of every evaluation starts from the noise of seed + j."""
+
+
+@dataclass
+class GuardConfig:
+    """Stopping rules against over-optimisation; each is off at 0. The run keeps the best LoRA
+    by evaluation reward in best_lora/ and says which rule stopped it."""
+
+    patience: int = 0
+    """Stop after this many evaluations without a new best evaluation reward."""
+    max_kl: float = 0.0
+    """Stop when the KL from the base model (metric kl_to_base) exceeds this."""
+    min_diversity: float = 0.0
+    """Stop when the diversity of the epoch's samples falls below this."""
+    kl_samples: int = 4
+    """Trajectories per epoch on which kl_to_base is measured (0 = not measured)."""
 
 
 @dataclass
@@ -139,6 +192,8 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self) -> Config:
         """Raise ConfigError naming the first field out of range; returns self."""
@@ -164,6 +219,7 @@ class Config:
             ("train.num_inner_epochs", t.num_inner_epochs >= 1, "an integer >= 1"),
             ("train.timestep_fraction", 0 < t.timestep_fraction <= 1, "a number in (0, 1]"),
             ("train.timestep_chunk", t.timestep_chunk >= 0, "an integer >= 0 (0 = all at once)"),
+            ("train.micro_batch_size", t.micro_batch_size >= 0, "an integer >= 0 (0 = whole)"),
             ("train.clip_range", t.clip_range > 0, "a number > 0"),
             ("train.adv_clip_max", t.adv_clip_max > 0, "a number > 0"),
             ("train.max_grad_norm", t.max_grad_norm > 0, "a number > 0"),
@@ -173,6 +229,17 @@ class Config:
             ("advantages.buffer_size", a.buffer_size >= 1, "an integer >= 1"),
             ("advantages.min_count", a.min_count >= 1, "an integer >= 1"),
             ("lora.rank", self.lora.rank >= 1, "an integer >= 1"),
+            ("reward.timeout", self.reward.timeout > 0, "a number > 0 (seconds)"),
+            ("train.kl_coef", t.kl_coef >= 0, "a number >= 0"),
+            ("eval.every", self.eval.every >= 0, "an integer >= 0 (0 = never)"),
+            ("eval.num_per_prompt", self.eval.num_per_prompt >= 1, "an integer >= 1"),
+            ("eval.max_prompts", self.eval.max_prompts >= 0, "an integer >= 0 (0 = all)"),
+            ("guard.patience", self.guard.patience >= 0, "an integer >= 0 (0 = off)"),
+            ("guard.max_kl", self.guard.max_kl >= 0, "a number >= 0 (0 = off)"),
+            ("guard.min_diversity", self.guard.min_diversity >= 0, "a number >= 0 (0 = off)"),
+            ("guard.kl_samples", self.guard.kl_samples >= 0, "an integer >= 0"),
+            ("reward.retries", self.reward.retries >= 0, "an integer >= 0"),
+            ("reward.backoff", self.reward.backoff >= 0, "a number >= 0 (seconds)"),
             ("lora.alpha", self.lora.alpha > 0, "a number > 0"),
             ("lora.target_modules", len(self.lora.target_modules) > 0, "a non-empty list"),
             (
@@ -201,6 +268,14 @@ class Config:
                 f"train.num_inner_epochs = {t.num_inner_epochs}: ddpo-sf is on-policy only and "
                 "takes one optimizer step per epoch; set it to 1 or use ddpo-is"
             )
+        if self.eval.every and not self.eval.prompts:
+            raise ConfigError("eval.every is set but eval.prompts names no prompt file")
+        if self.guard.patience and not self.eval.every:
+            raise ConfigError("guard.patience counts evaluations: set eval.every too")
+        if self.guard.max_kl and not self.guard.kl_samples:
+            raise ConfigError("guard.max_kl needs guard.kl_samples > 0 to measure the KL")
+        if t.kl_coef and t.algorithm == "rwr":
+            raise ConfigError("train.kl_coef applies to ddpo-is and ddpo-sf, not rwr")
         if not self.prompts.file and not self.prompts.prompts:
             raise ConfigError("prompts.prompts is empty and prompts.file is unset: give one")
         return self
@@ -233,6 +308,10 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+    elif origin is dict:
+        _, value_type = typing.get_args(annotation)
+        if isinstance(value, dict):
+            return {str(k): _coerce(f"{name}.{k}", v, value_type) for k, v in value.items()}
     elif origin is list:
         (item_type,) = typing.get_args(annotation)
         if isinstance(value, list):
@@ -257,7 +336,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         if key not in fields:
             raise ConfigError(f"unknown config key {name!r}; {_suggest(key, fields, prefix)}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if dataclasses.is_dataclass(current) and not isinstance(current, type):
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} is a section; give it as a table, e.g. [{name}]")
             _apply(current, value, prefix=f"{name}.")
@@ -331,10 +410,15 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
 
 
 def _resolve_relative_prompt_file(config: Config, preset_dir: Path) -> None:
-    """A preset's relative `prompts.file` names a file beside the preset (presets/prompts/...)."""
-    file = config.prompts.file
-    if file and not Path(file).is_absolute() and (preset_dir / file).is_file():
-        config.prompts.file = str((preset_dir / file).resolve())
+    """A preset's relative prompt files name files beside the preset (presets/prompts/...)."""
+
+    def resolve(file: str) -> str:
+        if file and not Path(file).is_absolute() and (preset_dir / file).is_file():
+            return str((preset_dir / file).resolve())
+        return file
+
+    config.prompts.file = resolve(config.prompts.file)
+    config.eval.prompts = {name: resolve(file) for name, file in config.eval.prompts.items()}
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -373,4 +457,7 @@ def _toml_value(value: Any) -> str:
         return f'"{escaped}"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + items + "}"
     raise TypeError(f"cannot write {value!r} as TOML")

@@ -29,38 +29,15 @@ def _gather(values: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.Tenso
     return out.reshape(-1, *([1] * (ndim - 1)))
 
 
-def ddim_step_with_logprob(
+def ddim_mean_std(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
     timestep: int | torch.Tensor,
     sample: torch.Tensor,
-    eta: float = 1.0,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    eta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step x_t -> x_{t-1} as a Gaussian policy; returns (prev_sample, log_prob).
-
-    Notation (DDIM paper, Song et al. 2021, eq. 12; diffusers `DDIMScheduler.step`):
-        a_t     = alphas_cumprod[t],  a_prev = alphas_cumprod[t - T/N] (or final_alpha_cumprod)
-        x0_hat  = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)             (epsilon prediction)
-        sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-        mean    = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - sigma_t^2) * eps
-        x_{t-1} ~ N(mean, sigma_t^2 I)
-
-    Steps:
-        1. look up a_t, a_prev per batch element (`timestep` may be a scalar or shape (batch,)),
-        2. predict x0_hat and eps from the model output (epsilon, v_prediction or sample),
-        3. clip x0_hat as the scheduler is configured to (thresholding is not supported),
-        4. compute mean and sigma_t; draw x_{t-1} unless `prev_sample` is given,
-        5. log N(x_{t-1}; mean, sigma_t^2), averaged over the latent's elements.
-
-    Reduction: the log-density is the MEAN over the non-batch elements (C*H*W), as in the DDPO
-    authors' code, not the sum; log_prob has shape (batch,). The PPO clip range is interpreted
-    against this per-element average. Everything is computed in float32 whatever the input dtype.
-
-    Held against `diffusers.DDIMScheduler.step(..., eta=eta, variance_noise=z)` in
-    tests/test_sampling.py: same mean and std, and the same density as a float64 reference.
-    """
+    """Mean (like `sample`) and std (broadcastable, (B, 1, ...)) of the DDIM policy
+    p(x_{t-1} | x_t), in float32; `ddim_step_with_logprob` documents the formulas."""
     if scheduler.num_inference_steps is None:
         raise ValueError("scheduler.set_timesteps(num_steps) must be called before stepping")
     if scheduler.config.thresholding:
@@ -112,6 +89,63 @@ def ddim_step_with_logprob(
     std_dev = eta * variance.sqrt()
     direction = (1 - alpha_prod_prev - std_dev**2).clamp(min=0).sqrt() * pred_eps
     mean = alpha_prod_prev.sqrt() * pred_x0 + direction
+    return mean, std_dev
+
+
+def ddim_kl(
+    scheduler: DDIMScheduler,
+    policy_output: torch.Tensor,
+    base_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+) -> torch.Tensor:
+    """KL(policy || base) of one DDIM step from the same x_t, shape (batch,).
+
+    Both are Gaussians with the same std (it depends on t and eta only), so the KL is
+    |mean_policy - mean_base|^2 / (2 std^2), averaged over the latent's elements like the log-prob.
+    """
+    mean_policy, std = ddim_mean_std(scheduler, policy_output, timestep, sample, eta)
+    mean_base, _ = ddim_mean_std(scheduler, base_output, timestep, sample, eta)
+    kl = (mean_policy - mean_base) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, sample.ndim)))
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} as a Gaussian policy; returns (prev_sample, log_prob).
+
+    Notation (DDIM paper, Song et al. 2021, eq. 12; diffusers `DDIMScheduler.step`):
+        a_t     = alphas_cumprod[t],  a_prev = alphas_cumprod[t - T/N] (or final_alpha_cumprod)
+        x0_hat  = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)             (epsilon prediction)
+        sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        mean    = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - sigma_t^2) * eps
+        x_{t-1} ~ N(mean, sigma_t^2 I)
+
+    Steps:
+        1. look up a_t, a_prev per batch element (`timestep` may be a scalar or shape (batch,)),
+        2. predict x0_hat and eps from the model output (epsilon, v_prediction or sample),
+        3. clip x0_hat as the scheduler is configured to (thresholding is not supported),
+        4. compute mean and sigma_t; draw x_{t-1} unless `prev_sample` is given,
+        5. log N(x_{t-1}; mean, sigma_t^2), averaged over the latent's elements.
+
+    Reduction: the log-density is the MEAN over the non-batch elements (C*H*W), as in the DDPO
+    authors' code, not the sum; log_prob has shape (batch,). The PPO clip range is interpreted
+    against this per-element average. Everything is computed in float32 whatever the input dtype.
+
+    Held against `diffusers.DDIMScheduler.step(..., eta=eta, variance_noise=z)` in
+    tests/test_sampling.py: same mean and std, and the same density as a float64 reference.
+    """
+    mean, std_dev = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
+    device = sample.device
+    ndim = sample.ndim
     if prev_sample is None:
         noise = torch.randn(
             sample.shape, generator=generator, device=generator.device if generator else device

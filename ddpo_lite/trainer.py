@@ -5,22 +5,19 @@ Run it with `ddpo_lite.train(config)` (or `ddpo-lite train --preset NAME`). Unde
 are gathered so that advantages use every process's samples, and LoRA gradients are averaged by
 DDP on the last backward of each optimizer step.
 
-The update is a chunked gradient accumulator: a train batch of `train.batch_size` samples is
-scored `train.timestep_chunk` timesteps at a time (one forward+backward each), and the optimizer
-steps once per `train.gradient_accumulation` batches. Losses are sums divided by the element count
-of the whole optimizer step, so the accumulated gradient equals the unchunked one.
+The update itself is in `update.py`, the output folder's files in `run_files.py`, checkpoints in
+`checkpoint.py`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import resource
-import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,23 +36,31 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ddpo_lite import __version__
 from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages
-from ddpo_lite.algorithms import ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_weights
-from ddpo_lite.checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
+from ddpo_lite.algorithms import rwr_weights
+from ddpo_lite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpo_lite.config import Config, ConfigError, to_dict, to_toml
+from ddpo_lite.drift import diversity, trajectory_kl
+from ddpo_lite.evaluate import eval_metrics, evaluate, load_groups, save_eval_grid
 from ddpo_lite.grid import make_grid
+from ddpo_lite.guard import Guard
 from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import attach_lora, save_lora
 from ddpo_lite.models.memory import apply_memory_settings
-from ddpo_lite.rewards import get_reward
+from ddpo_lite.rewards.compose import CheckedReward, RewardError, build_reward
+from ddpo_lite.run_files import (
+    epoch_summary,
+    lora_metadata,
+    metrics_before,
+    prepare_output,
+    write_model_card,
+)
 from ddpo_lite.sampling import (
     PromptEncoder,
     Trajectory,
-    ddim_step_with_logprob,
-    predict_noise,
     rollout,
 )
+from ddpo_lite.update import optimizer_steps, update
 
 
 @dataclass
@@ -67,6 +72,9 @@ class TrainResult:
     lora_dir: Path = Path(".")
     pipeline: object = None
     """The pipeline with the trained LoRA still attached to its UNet, ready to sample."""
+    stop_reason: str | None = None
+    """Why a guard rule stopped the run early (None: it ran all its epochs)."""
+    stopped_epoch: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,193 +191,6 @@ def build_components(config: Config, accelerator: Accelerator) -> Components:
 
 
 # ---------------------------------------------------------------------------------------------
-# the update
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class UpdateSettings:
-    """What one chunk's loss needs besides the data."""
-
-    algorithm: str
-    guidance_scale: float
-    eta: float
-    clip_range: float
-
-
-def score_log_probs(
-    unet,
-    scheduler,
-    batch: Trajectory,
-    cols: torch.Tensor,
-    guidance_scale: float,
-    eta: float,
-    autocast,
-) -> torch.Tensor:
-    """log pi_theta(x_{t-1} | x_t) of the stored steps `cols` ((B, k) indices), shape (B, k).
-
-    The same `predict_noise` + `ddim_step_with_logprob` the rollout used, on the stored float32
-    latents, under the same autocast and CFG.
-    """
-    rows = torch.arange(len(batch), device=cols.device)[:, None]
-    k = cols.shape[1]
-    x_t = batch.latents[rows, cols].flatten(0, 1)  # (B*k, C, H, W)
-    x_prev = batch.next_latents[rows, cols].flatten(0, 1)
-    t = batch.timesteps[rows, cols].flatten()
-    embeds = batch.prompt_embeds.repeat_interleave(k, dim=0)
-    with autocast():
-        noise_pred = predict_noise(unet, x_t, t, embeds, batch.negative_embeds, guidance_scale)
-    _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, x_t, eta=eta, prev_sample=x_prev)
-    return log_prob.view(len(batch), k)
-
-
-def chunk_loss(
-    unet,
-    scheduler,
-    batch: Trajectory,
-    cols: torch.Tensor,
-    weights: torch.Tensor,
-    valid: torch.Tensor,
-    settings: UpdateSettings,
-    autocast,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Summed loss of one chunk: samples `batch`, their steps `cols` (B, k), per-sample
-    `weights` (B,) = advantages (DDPO) or RWR weights; samples with `valid` False add nothing."""
-    if settings.algorithm == "rwr":
-        # denoising loss on the final samples x_0, noised afresh at the chunk's timesteps
-        k = cols.shape[1]
-        rows = torch.arange(len(batch), device=cols.device)[:, None]
-        x0 = batch.next_latents[:, -1].repeat_interleave(k, dim=0)
-        t = batch.timesteps[rows, cols].flatten()
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        noisy = scheduler.add_noise(x0, noise, t)
-        embeds = batch.prompt_embeds.repeat_interleave(k, dim=0)
-        with autocast():
-            noise_pred = predict_noise(unet, noisy, t, embeds, None, 1.0)
-        return rwr_loss(noise_pred, noise, (weights * valid).repeat_interleave(k))
-
-    log_prob = score_log_probs(
-        unet, scheduler, batch, cols, settings.guidance_scale, settings.eta, autocast
-    )
-    old = batch.log_probs[torch.arange(len(batch), device=cols.device)[:, None], cols]
-    # a dropped sample scores as its old log-prob: ratio 1, advantage 0, no gradient, no stats
-    log_prob = torch.where(valid[:, None], log_prob, old)
-    adv = (weights * valid)[:, None].expand_as(log_prob)
-    if settings.algorithm == "ddpo-is":
-        return ddpo_is_loss(log_prob, old, adv, settings.clip_range)
-    return ddpo_sf_loss(log_prob, old, adv)
-
-
-def accumulate_step(
-    accelerator: Accelerator,
-    unet,
-    scheduler,
-    batches: Sequence[tuple[Trajectory, torch.Tensor, torch.Tensor, torch.Tensor]],
-    settings: UpdateSettings,
-    timestep_chunk: int,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """Forward+backward for one optimizer step, without stepping.
-
-    `batches`: (samples, cols (B, k), weights (B,), valid (B,) bool) per train batch. Each batch
-    runs `timestep_chunk` of its k timesteps per forward+backward (0 = all). Every chunk's summed
-    loss is divided by the valid element count of the whole step, so the gradient is that of the
-    step's mean loss however it is chunked. DDP all-reduces only on the step's last backward.
-    """
-    total = sum(int(valid.sum()) * cols.shape[1] for _, cols, _, valid in batches)
-    total = max(total, 1)
-    chunks = []
-    for samples, cols, weights, valid in batches:
-        k = cols.shape[1]
-        size = timestep_chunk if 0 < timestep_chunk < k else k
-        for start in range(0, k, size):
-            chunks.append((samples, cols[:, start : start + size], weights, valid))
-    sums: dict[str, float] = {}
-    for i, (samples, cols, weights, valid) in enumerate(chunks):
-        last = i == len(chunks) - 1
-        context = torch.enable_grad() if last else accelerator.no_sync(unet)
-        with context:
-            loss, stats = chunk_loss(
-                unet,
-                scheduler,
-                samples,
-                cols,
-                weights,
-                valid,
-                settings,
-                accelerator.autocast,
-                generator,
-            )
-            accelerator.backward(loss / total)
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / total
-        for name, value in stats.items():
-            if name == "ratio_dev":
-                sums[name] = max(sums.get(name, 0.0), float(value))
-            else:
-                sums[name] = sums.get(name, 0.0) + float(value) / total
-    return sums
-
-
-def timestep_columns(
-    num_samples: int, num_steps: int, fraction: float, generator: torch.Generator
-) -> torch.Tensor:
-    """A random subset of int(num_steps * fraction) (at least 1) steps per sample, (N, k)."""
-    k = max(1, int(num_steps * fraction))
-    return torch.stack(
-        [torch.randperm(num_steps, generator=generator)[:k] for _ in range(num_samples)]
-    )
-
-
-def update(
-    accelerator: Accelerator,
-    unet,
-    optimizer,
-    params: list[torch.nn.Parameter],
-    scheduler,
-    trajectory: Trajectory,
-    weights: torch.Tensor,
-    valid: torch.Tensor,
-    config: Config,
-    generator: torch.Generator,
-    progress: Callable[[], None] = lambda: None,
-) -> dict[str, float]:
-    """The inner epochs of one epoch's update; returns the mean of each statistic per step."""
-    train = config.train
-    settings = UpdateSettings(
-        train.algorithm, config.sample.guidance_scale, config.sample.eta, train.clip_range
-    )
-    device = trajectory.latents.device
-    num_samples, num_steps = trajectory.log_probs.shape
-    history: list[dict[str, float]] = []
-    unet.train()
-    for _ in range(train.num_inner_epochs):
-        order = torch.randperm(num_samples, generator=generator).to(device)
-        cols = timestep_columns(num_samples, num_steps, train.timestep_fraction, generator).to(
-            device
-        )
-        row_groups = order.split(train.batch_size)
-        per_step = len(row_groups) if train.algorithm == "ddpo-sf" else train.gradient_accumulation
-        for start in range(0, len(row_groups), per_step):
-            # gather only this optimizer step's samples: no copy of the whole epoch's trajectory
-            batches = [
-                (trajectory.index(rows), cols[rows], weights[rows], valid[rows])
-                for rows in row_groups[start : start + per_step]
-            ]
-            step_stats = accumulate_step(
-                accelerator, unet, scheduler, batches, settings, train.timestep_chunk, generator
-            )
-            grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_stats["grad_norm"] = float(grad_norm)
-            history.append(step_stats)
-            progress()
-    unet.eval()
-    return {name: float(np.mean([h[name] for h in history])) for name in history[0]}
-
-
-# ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
 
@@ -399,53 +220,6 @@ def _progress(console: Console, enabled: bool) -> Progress:
 PRELOAD_PROMPTS = 512
 
 
-class RunExistsError(ConfigError):
-    """The output folder already holds a run and neither resume nor overwrite was asked for."""
-
-
-#: What a run writes into its output folder (and `overwrite` removes; nothing else is touched).
-RUN_FILES = (
-    "config.toml",
-    "metrics.jsonl",
-    "README.md",
-    "lora",
-    "samples",
-    "logs",
-    CHECKPOINTS,
-)
-
-
-def holds_run(output_dir: Path) -> bool:
-    return any((output_dir / name).exists() for name in RUN_FILES)
-
-
-def prepare_output(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Check the output folder against resume/overwrite; returns the checkpoint to resume from.
-
-    A new run refuses a folder that holds one. `overwrite` deletes the previous run's files
-    (only those in `RUN_FILES`). `resume` of a run that never reached a checkpoint starts it over.
-    """
-    if resume and overwrite:
-        raise ConfigError("resume and overwrite exclude each other: choose one")
-    if resume:
-        if not holds_run(output_dir):
-            raise ConfigError(f"nothing to resume: {str(output_dir)!r} holds no ddpo-lite run")
-        return latest_checkpoint(output_dir)
-    if holds_run(output_dir):
-        if not overwrite:
-            raise RunExistsError(
-                f"output folder {str(output_dir)!r} already holds a run: pass --resume to "
-                "continue it, --overwrite to replace it, or choose another --output"
-            )
-        for name in RUN_FILES:
-            path = output_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    return None
-
-
 def _tracker_config(config: Config) -> dict[str, int | float | str | bool]:
     """The config flattened to scalars, as TensorBoard's hparams want them."""
     flat: dict[str, int | float | str | bool] = {}
@@ -455,39 +229,6 @@ def _tracker_config(config: Config) -> dict[str, int | float | str | bool]:
             name = f"{key}.{sub}" if sub else key
             flat[name] = item if isinstance(item, int | float | str | bool) else str(item)
     return flat
-
-
-def _summary(epoch: int, num_epochs: int, row: dict) -> str:
-    """One plain line per epoch: reward, KL, clip fraction, time, memory."""
-    parts = [
-        f"epoch {epoch + 1}/{num_epochs}",
-        f"reward {row['reward_mean']:.4g} ± {row['reward_std']:.3g}",
-    ]
-    if "approx_kl" in row:
-        parts.append(f"kl {row['approx_kl']:.3g}")
-    if "clipfrac" in row:
-        parts.append(f"clip {row['clipfrac']:.3f}")
-    parts += [
-        f"{row['epoch_seconds']:.1f} s/epoch",
-        f"{row['samples_per_second']:.2f} samples/s",
-        f"peak mem {row['peak_memory_bytes'] / 2**30:.2f} GiB",
-    ]
-    return "  ".join(parts)
-
-
-def _metrics_before(path: Path, epoch: int) -> list[dict]:
-    """The metrics.jsonl rows of epochs before `epoch` (a resumed run rewrites the rest)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line cut short by a crash
-            continue
-        if row.get("epoch", epoch) < epoch:
-            rows.append(row)
-    return rows
 
 
 def train(
@@ -507,241 +248,316 @@ def train(
     """
     config.validate()
     prompts = load_prompts(config.prompts)
+    eval_groups = (
+        load_groups(config.eval.prompts, config.eval.max_prompts) if config.eval.every else {}
+    )
     output_dir = Path(config.output_dir)
     checkpoint = prepare_output(output_dir, resume, overwrite)
     accelerator = make_accelerator(config)
-    device = accelerator.device
-    reward = reward_fn or get_reward(config.reward.name)
-    lora_dir = output_dir / "lora"
-    metrics_file = output_dir / "metrics.jsonl"
-    console = Console(soft_wrap=True)
-
-    run = build_components(config, accelerator)
-    if len(prompts) <= PRELOAD_PROMPTS:
-        run.encoder.preload(prompts)
-    pipe = run.pipe
-    tracker = (
-        PerPromptStatTracker(config.advantages.buffer_size, config.advantages.min_count)
-        if config.advantages.per_prompt_stat_tracking
-        else None
-    )
-    # each process draws its own prompts and noise; the update's shuffles need not agree
-    generator = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
-    first_epoch = 0
-    if checkpoint is not None:
-        first_epoch = _restore(checkpoint, run, tracker, generator, accelerator)
-    result = TrainResult(output_dir=output_dir, lora_dir=lora_dir, pipeline=pipe)
-    result.metrics = _metrics_before(metrics_file, first_epoch)
-
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.toml").write_text(to_toml(config))
-        with metrics_file.open("w") as f:  # a resumed run drops the rows it will redo
-            f.writelines(json.dumps(row) + "\n" for row in result.metrics)
-        if resume:
-            where = f"epoch {first_epoch}" if checkpoint else "the start (no checkpoint yet)"
-            console.print(f"resuming {output_dir} from {where}")
-    if config.log_with:
-        accelerator.init_trackers("logs", config=_tracker_config(config))
-    metadata = lora_metadata(config)
-
-    enabled = show_progress and accelerator.is_main_process and console.is_terminal
-    with _progress(console, enabled) as progress:
-        for epoch in range(first_epoch, config.num_epochs):
-            start = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            label = f"epoch {epoch + 1}/{config.num_epochs}"
-            task = progress.add_task(f"{label} sampling", total=config.sample.num_batches_per_epoch)
-            advance = functools.partial(progress.advance, task)
-
-            # 1. rollout: images and their trajectories, from the current policy
-            images, texts, trajectory = sample_epoch(
-                run, prompts, config, generator, accelerator, advance
-            )
-            sampled_at = time.perf_counter()
-
-            # 2-3. rewards and advantages over every process's samples; non-finite ones dropped
-            progress.update(task, description=f"{label} rewarding", completed=0, total=1)
-            raw, _info = reward(images, texts, [{} for _ in images])
-            scored = score_epoch(raw, trajectory, prompts, tracker, config, accelerator)
-            rewarded_at = time.perf_counter()
-            if scored.dropped:
-                warnings.warn(
-                    f"epoch {epoch}: {scored.dropped} sample(s) had a non-finite reward or "
-                    "trajectory and were dropped from the update",
-                    stacklevel=2,
-                )
-
-            # 4. update
-            total = _optimizer_steps(config, len(trajectory))
-            progress.update(task, description=f"{label} training", completed=0, total=total)
-            stats = update(
-                accelerator,
-                run.unet,
-                run.optimizer,
-                run.params,
-                run.scheduler,
-                sanitize(trajectory, scored.valid),
-                scored.weights,
-                scored.valid,
-                config,
-                generator,
-                progress=advance,
-            )
-            progress.remove_task(task)
-
-            # 5. log and save
-            seconds = time.perf_counter() - start
-            row = {
-                "epoch": epoch,
-                **reward_stats(scored.rewards),
-                "dropped_samples": scored.dropped,
-                **stats,
-                "epoch_seconds": seconds,
-                "sampling_seconds": sampled_at - start,
-                "reward_seconds": rewarded_at - sampled_at,
-                "samples_per_second": accelerator.num_processes * len(trajectory) / seconds,
-                "peak_memory_bytes": _peak_memory(device),
-            }
-            result.metrics.append(row)
-            accelerator.log(row, step=epoch)
-            if accelerator.is_main_process:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                save_samples(images, texts, raw, output_dir / "samples" / f"epoch_{epoch:04d}.png")
-                console.print(_summary(epoch, config.num_epochs, row))
-            if epoch + 1 == config.num_epochs or (epoch + 1) % config.save_every == 0:
-                _save(epoch + 1, run, tracker, generator, accelerator, config, metadata, result)
-            accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
-
-
-def lora_metadata(config: Config) -> dict:
-    """What a saved LoRA records about its run: enough for `ddpo-lite sample` to rebuild it."""
-    base = config.model.name
-    if base == "tiny":  # the seed is part of the tiny model's identity
-        base = f"tiny:{config.model.seed}"
-    return {
-        "base_model": base,
-        "rank": config.lora.rank,
-        "alpha": config.lora.alpha,
-        "preset": config.preset,
-        "reward": config.reward.name,
-        "num_steps": config.sample.num_steps,
-        "guidance_scale": config.sample.guidance_scale,
-        "eta": config.sample.eta,
-        "version": __version__,
-    }
-
-
-def _restore(
-    checkpoint: Path,
-    run: Components,
-    tracker: PerPromptStatTracker | None,
-    generator: torch.Generator,
-    accelerator: Accelerator,
-) -> int:
-    """Load a checkpoint into the run; returns the epoch to continue with."""
-    state = load_checkpoint(checkpoint, unet=run.policy, optimizer=run.optimizer)
-    if len(state.generator_states) != accelerator.num_processes:
-        raise ConfigError(
-            f"checkpoint {str(checkpoint)!r} was written by {len(state.generator_states)} "
-            f"process(es); resume it with the same number (this run has "
-            f"{accelerator.num_processes})"
+    reward = (
+        CheckedReward(reward_fn, getattr(reward_fn, "__name__", "reward_fn"))
+        if reward_fn is not None
+        else build_reward(
+            config.reward, device=str(accelerator.device), offload=config.memory.offload_reward
         )
-    generator.set_state(state.generator_states[accelerator.process_index])
-    torch.set_rng_state(state.torch_rng_state)
-    if tracker is not None and state.tracker is not None:
-        tracker.load_state_dict(state.tracker)
-    return state.epoch
-
-
-def _save(
-    epochs_done: int,
-    run: Components,
-    tracker: PerPromptStatTracker | None,
-    generator: torch.Generator,
-    accelerator: Accelerator,
-    config: Config,
-    metadata: dict,
-    result: TrainResult,
-) -> None:
-    """Write the checkpoint and the user-facing LoRA and model card (main process)."""
-    # every process's generator state, so that a resumed run draws what this one would have
-    states = accelerator.gather(generator.get_state()[None].to(accelerator.device)).cpu()
-    if not accelerator.is_main_process:
-        return
-    save_checkpoint(
-        result.output_dir,
-        epochs_done,
-        unet=run.policy,
-        optimizer=run.optimizer,
-        tracker_state=tracker.state_dict() if tracker is not None else None,
-        generator_states=list(states),
-        lora_metadata={**metadata, "epoch": epochs_done},
-        keep=config.keep_checkpoints,
     )
-    save_lora(run.policy, result.lora_dir, {**metadata, "epoch": epochs_done})
-    write_model_card(result.output_dir, config, metadata, epochs_done, result.metrics)
+    loop = TrainingLoop(config, accelerator, reward, prompts, eval_groups, output_dir)
+    first_epoch = loop.restore(checkpoint) if checkpoint is not None else 0
+    loop.start(first_epoch, resumed=resume, from_checkpoint=checkpoint is not None)
+    executor = ThreadPoolExecutor(1, "ddpo-lite-reward") if config.reward.overlap else None
+    try:
+        enabled = show_progress and accelerator.is_main_process and loop.console.is_terminal
+        with _progress(loop.console, enabled) as progress:
+            if first_epoch == 0 and eval_groups:
+                loop.evaluate(0)  # the base model: the baseline every later evaluation beats
+            for epoch in range(first_epoch, config.num_epochs):
+                row = loop.epoch(epoch, progress, executor)
+                stop = loop.stop_reason(row)
+                last = epoch + 1 == config.num_epochs or stop is not None
+                if last or (epoch + 1) % config.save_every == 0:
+                    loop.save(epoch + 1)
+                accelerator.wait_for_everyone()
+                if stop is not None:
+                    loop.stopped(epoch, stop)
+                    break
+    except RewardError as err:
+        raise RewardError(_stopped_message(err, loop.result)) from err
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        accelerator.end_training()
+    return loop.result
 
 
-def write_model_card(
-    output_dir: Path, config: Config, metadata: dict, epochs_done: int, metrics: list[dict]
-) -> None:
-    """README.md for the run: what was trained, and how to load and export the LoRA."""
-    last = metrics[-1] if metrics else {}
-    first = metrics[0] if metrics else {}
-    rewards = (
-        f"{first.get('reward_mean', float('nan')):.4g} (epoch 1) -> "
-        f"{last.get('reward_mean', float('nan')):.4g} (epoch {epochs_done})"
+class TrainingLoop:
+    """A run's state and its stages: one epoch, an evaluation, a checkpoint, a stop."""
+
+    def __init__(
+        self,
+        config: Config,
+        accelerator: Accelerator,
+        reward,
+        prompts: list[str],
+        eval_groups: dict[str, list[str]],
+        output_dir: Path,
+    ):
+        self.config = config
+        self.accelerator = accelerator
+        self.reward = reward
+        self.prompts = prompts
+        self.eval_groups = eval_groups
+        self.output_dir = output_dir
+        self.metrics_file = output_dir / "metrics.jsonl"
+        self.console = Console(soft_wrap=True)
+        self.run = build_components(config, accelerator)
+        if len(prompts) <= PRELOAD_PROMPTS:
+            self.run.encoder.preload(prompts)
+        self.tracker = (
+            PerPromptStatTracker(config.advantages.buffer_size, config.advantages.min_count)
+            if config.advantages.per_prompt_stat_tracking
+            else None
+        )
+        # each process draws its own prompts and noise; the update's shuffles need not agree
+        seed = config.seed * 1000 + accelerator.process_index
+        self.generator = torch.Generator().manual_seed(seed)
+        self.guard = Guard(config.guard)
+        self.pending_eval: dict[str, float] = {}
+        self.metadata = lora_metadata(config)
+        self.result = TrainResult(
+            output_dir=output_dir, lora_dir=output_dir / "lora", pipeline=self.run.pipe
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def restore(self, checkpoint: Path) -> int:
+        """Load a checkpoint into the run; returns the epoch to continue with."""
+        state = load_checkpoint(checkpoint, unet=self.run.policy, optimizer=self.run.optimizer)
+        accelerator = self.accelerator
+        if len(state.generator_states) != accelerator.num_processes:
+            raise ConfigError(
+                f"checkpoint {str(checkpoint)!r} was written by {len(state.generator_states)} "
+                f"process(es); resume it with the same number (this run has "
+                f"{accelerator.num_processes})"
+            )
+        self.generator.set_state(state.generator_states[accelerator.process_index])
+        torch.set_rng_state(state.torch_rng_state)
+        if self.tracker is not None and state.tracker is not None:
+            self.tracker.load_state_dict(state.tracker)
+        self.guard.load_state_dict(state.extra.get("guard", {}))
+        return state.epoch
+
+    def start(self, first_epoch: int, resumed: bool, from_checkpoint: bool) -> None:
+        """Write config.toml, trim metrics.jsonl to the epochs kept, start the trackers."""
+        self.result.metrics = metrics_before(self.metrics_file, first_epoch)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.toml").write_text(to_toml(self.config))
+            with self.metrics_file.open("w") as f:  # a resumed run drops the rows it redoes
+                f.writelines(json.dumps(row) + "\n" for row in self.result.metrics)
+            if resumed:
+                where = f"epoch {first_epoch}" if from_checkpoint else "the start (no checkpoint)"
+                self.console.print(f"resuming {self.output_dir} from {where}")
+        if self.config.log_with:
+            self.accelerator.init_trackers("logs", config=_tracker_config(self.config))
+
+    def epoch(self, epoch: int, progress: Progress, executor) -> dict:
+        """Sample, reward, update, measure drift, evaluate, log; returns the metrics row."""
+        config, run, accelerator = self.config, self.run, self.accelerator
+        device = accelerator.device
+        start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        label = f"epoch {epoch + 1}/{config.num_epochs}"
+        task = progress.add_task(f"{label} sampling", total=config.sample.num_batches_per_epoch)
+        advance = functools.partial(progress.advance, task)
+
+        # 1-2. rollout from the current policy; each batch scored while the next samples
+        samples = sample_epoch(
+            run, self.prompts, config, self.generator, accelerator, self.reward, advance, executor
+        )
+        trajectory = samples.trajectory
+        sampled_at = time.perf_counter()
+
+        # 3. advantages over every process's samples; non-finite ones dropped
+        scored = score_epoch(
+            samples.rewards, trajectory, self.prompts, self.tracker, config, accelerator
+        )
+        if scored.dropped:
+            warnings.warn(
+                f"epoch {epoch}: {scored.dropped} sample(s) had a non-finite reward or "
+                "trajectory and were dropped from the update",
+                stacklevel=2,
+            )
+        drift = self.drift(samples)
+
+        # 4. update
+        total = optimizer_steps(config, len(trajectory))
+        progress.update(task, description=f"{label} training", completed=0, total=total)
+        stats = update(
+            accelerator,
+            run.unet,
+            run.optimizer,
+            run.params,
+            run.scheduler,
+            sanitize(trajectory, scored.valid),
+            scored.weights,
+            scored.valid,
+            config,
+            self.generator,
+            progress=advance,
+        )
+        progress.remove_task(task)
+        seconds = time.perf_counter() - start
+
+        # 5. evaluate, log
+        evaluated = {}
+        if config.eval.every and (epoch + 1) % config.eval.every == 0:
+            evaluated = self.evaluate(epoch + 1)
+        row = {
+            "epoch": epoch,
+            **reward_stats(scored.rewards),
+            "dropped_samples": scored.dropped,
+            **stats,
+            **drift,
+            **evaluated,
+            "epoch_seconds": seconds,
+            "sampling_seconds": sampled_at - start,
+            "reward_wait_seconds": samples.reward_wait_seconds,
+            "samples_per_second": accelerator.num_processes * len(trajectory) / seconds,
+            "peak_memory_bytes": _peak_memory(device),
+        }
+        self.result.metrics.append(row)
+        accelerator.log(row, step=epoch)
+        if self.is_main:
+            with self.metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            grid = self.output_dir / "samples" / f"epoch_{epoch:04d}.png"
+            save_samples(samples.images, samples.prompts, samples.rewards, grid)
+            self.console.print(epoch_summary(epoch, config.num_epochs, row))
+        return row
+
+    def drift(self, samples: EpochSamples) -> dict[str, float]:
+        """KL from the base model along this epoch's first trajectories, and sample diversity."""
+        config = self.config
+        row = {"diversity": diversity(samples.images, samples.prompts)}
+        if config.guard.kl_samples:
+            kl = trajectory_kl(
+                self.run.policy,
+                self.run.scheduler,
+                samples.trajectory,
+                config.sample.guidance_scale,
+                config.sample.eta,
+                self.accelerator.autocast,
+                config.guard.kl_samples,
+            )
+            row["kl_to_base"] = float(kl.mean())
+        return row
+
+    def evaluate(self, epochs_done: int) -> dict[str, float]:
+        """Held-out evaluation (main process): metrics, grid, best LoRA."""
+        row: dict[str, float] = {}
+        if self.is_main:
+            config, run = self.config, self.run
+            results = evaluate(
+                run.pipe,
+                run.policy,
+                run.encoder,
+                run.scheduler,
+                self.eval_groups,
+                self.reward,
+                num_per_prompt=config.eval.num_per_prompt,
+                seed=config.eval.seed,
+                guidance_scale=config.sample.guidance_scale,
+                eta=config.sample.eta,
+                autocast=self.accelerator.autocast,
+            )
+            row = eval_metrics(results)
+            save_eval_grid(
+                results, self.output_dir / "samples" / f"eval_epoch_{epochs_done:04d}.png"
+            )
+            if self.guard.observe_eval(row["eval_reward_mean"], epochs_done) and epochs_done:
+                meta = {**self.metadata, "epoch": epochs_done}
+                meta["eval_reward_mean"] = row["eval_reward_mean"]
+                save_lora(run.policy, self.output_dir / "best_lora", meta)
+            if epochs_done == 0:
+                (self.output_dir / "eval_baseline.json").write_text(json.dumps(row) + "\n")
+                self.console.print(
+                    f"baseline evaluation (base model): reward {row['eval_reward_mean']:.4g}"
+                )
+        return row
+
+    def stop_reason(self, row: dict) -> str | None:
+        """The guard's verdict on the main process, the same on every process."""
+        reason = [self.guard.check(row) if self.is_main else None]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(reason, from_process=0)
+        return reason[0]
+
+    def stopped(self, epoch: int, reason: str) -> None:
+        """Record and say why the run stopped early."""
+        self.result.stop_reason = reason
+        self.result.stopped_epoch = epoch
+        if self.is_main:
+            best = (
+                f"; best evaluation {self.guard.best_eval:.4g} after epoch "
+                f"{self.guard.best_epoch} (best_lora/)"
+                if self.guard.best_epoch > 0
+                else ""
+            )
+            self.console.print(f"stopped after epoch {epoch + 1} by {reason}{best}")
+            with (self.output_dir / "stopped.json").open("w") as f:
+                json.dump({"epoch": epoch, "reason": reason, **self.guard.state_dict()}, f)
+
+    def save(self, epochs_done: int) -> None:
+        """Checkpoint, user-facing LoRA and model card (every process joins the gather)."""
+        run, accelerator = self.run, self.accelerator
+        # every process's generator state, so that a resumed run draws what this one would have
+        states = accelerator.gather(self.generator.get_state()[None].to(accelerator.device))
+        if not self.is_main:
+            return
+        metadata = {**self.metadata, "epoch": epochs_done}
+        save_checkpoint(
+            self.output_dir,
+            epochs_done,
+            unet=run.policy,
+            optimizer=run.optimizer,
+            tracker_state=self.tracker.state_dict() if self.tracker is not None else None,
+            generator_states=list(states.cpu()),
+            lora_metadata=metadata,
+            keep=self.config.keep_checkpoints,
+            extra={"guard": self.guard.state_dict()},
+        )
+        save_lora(run.policy, self.result.lora_dir, metadata)
+        write_model_card(
+            self.output_dir, self.config, self.metadata, epochs_done, self.result.metrics
+        )
+
+
+def _stopped_message(err: RewardError, result: TrainResult) -> str:
+    """The reward's error, where the run stopped, and how to continue it."""
+    done = len(result.metrics)
+    last = latest_checkpoint(result.output_dir)
+    where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+    return (
+        f"{err}; the run stopped in epoch {done + 1} ({where}); fix the reward and continue "
+        f"with `ddpo-lite train --resume {result.output_dir}`"
     )
-    base = metadata["base_model"]
-    if base.startswith("tiny"):  # built offline by ddpo-lite, not a hub id
-        load_line = f'from ddpo_lite.models import load_pipeline\n\npipe = load_pipeline("{base}")'
-    else:
-        load_line = f'pipe = StableDiffusionPipeline.from_pretrained("{base}")'
-    text = f"""# ddpo-lite LoRA: {config.preset or "custom config"}
 
-A LoRA for the UNet of `{base}`, fine-tuned with DDPO ({config.train.algorithm}) by
-ddpo-lite {__version__} for the reward `{config.reward.name}`.
 
-- epochs: {epochs_done} of {config.num_epochs}
-- reward mean: {rewards}
-- LoRA rank {config.lora.rank}, alpha {config.lora.alpha}, on {", ".join(config.lora.target_modules)}
-- sampling: {config.sample.num_steps} DDIM steps, eta {config.sample.eta}, \
-guidance {config.sample.guidance_scale}
-- the full configuration is in `config.toml`, per-epoch metrics in `metrics.jsonl`,
-  sample grids in `samples/`
+@dataclass
+class EpochSamples:
+    """One epoch's rollouts on this process, with their rewards in sampling order."""
 
-## Load it
-
-```python
-from diffusers import StableDiffusionPipeline
-
-{load_line}
-pipe.load_lora_weights("{output_dir / "lora"}")
-image = pipe("{config.prompts.prompts[0] if config.prompts.prompts else "a cat"}",
-             num_inference_steps={config.sample.num_steps},
-             guidance_scale={config.sample.guidance_scale}).images[0]
-```
-
-or sample from the command line:
-
-```
-ddpo-lite sample --lora {output_dir / "lora"} --prompt "..."
-```
-
-For ComfyUI and AUTOMATIC1111 (kohya key names), export a single file:
-
-```
-ddpo-lite export {output_dir / "lora"} --output {output_dir / "lora_kohya.safetensors"}
-```
-
-Continue this run with `ddpo-lite train --resume {output_dir}`.
-"""
-    (output_dir / "README.md").write_text(text)
+    images: list
+    prompts: list[str]
+    trajectory: Trajectory
+    rewards: np.ndarray
+    reward_wait_seconds: float
+    """Time spent waiting for rewards after the last batch was sampled."""
 
 
 def sample_epoch(
@@ -750,10 +566,15 @@ def sample_epoch(
     config: Config,
     generator: torch.Generator,
     accelerator: Accelerator,
+    reward,
     advance: Callable[[], None] = lambda: None,
-) -> tuple[list, list[str], Trajectory]:
-    """`sample.num_batches_per_epoch` rollouts of uniformly drawn prompts, concatenated."""
-    images, texts, parts = [], [], []
+    executor: ThreadPoolExecutor | None = None,
+) -> EpochSamples:
+    """`sample.num_batches_per_epoch` rollouts of uniformly drawn prompts, each batch scored by
+    `reward`. With an `executor`, batch k is scored in its worker while batch k+1 is sampled (as
+    the paper's implementation does); rewards are collected in submission order, so each lands
+    with its own samples."""
+    images, texts, parts, pending = [], [], [], []
     for _ in range(config.sample.num_batches_per_epoch):
         ids = torch.randint(len(prompts), (config.sample.batch_size,), generator=generator)
         batch_texts = [prompts[i] for i in ids.tolist()]
@@ -769,11 +590,20 @@ def sample_epoch(
             generator=generator,
             autocast=accelerator.autocast,
         )
+        metadata = [{} for _ in batch_images]
+        if executor is not None:
+            pending.append(executor.submit(reward, batch_images, batch_texts, metadata))
+        else:
+            pending.append(reward(batch_images, batch_texts, metadata))
         images += batch_images
         texts += batch_texts
         parts.append(trajectory)
         advance()
-    return images, texts, Trajectory.cat(parts)
+    waited_from = time.perf_counter()
+    scores = [item.result() if isinstance(item, Future) else item for item in pending]
+    wait = time.perf_counter() - waited_from
+    rewards = np.concatenate([values for values, _ in scores])
+    return EpochSamples(images, texts, Trajectory.cat(parts), rewards, wait)
 
 
 @dataclass
@@ -843,14 +673,6 @@ def save_samples(images: list, texts: list[str], rewards, path: Path, limit: int
     captions = [f"{text}\nreward {value:.4g}" for text, value in zip(texts, values, strict=False)]
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(images[:limit], captions).save(path)
-
-
-def _optimizer_steps(config: Config, num_samples: int) -> int:
-    batches = math.ceil(num_samples / config.train.batch_size)
-    per_step = (
-        batches if config.train.algorithm == "ddpo-sf" else config.train.gradient_accumulation
-    )
-    return config.train.num_inner_epochs * math.ceil(batches / per_step)
 
 
 def trajectory_is_finite(trajectory: Trajectory) -> torch.Tensor:

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from ddpo_lite.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from ddpo_lite.config import ConfigError
 from ddpo_lite.models.lora import LORA_WEIGHT_NAME
-from ddpo_lite.trainer import RunExistsError, train
+from ddpo_lite.run_files import RunExistsError
+from ddpo_lite.trainer import train
 
 # per-prompt statistics on, so that the tracker's buffers must survive the resume too
 SHORT = [

@@ -12,14 +12,8 @@ from ddpo_lite.algorithms import ddpo_is_loss
 from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import read_lora_metadata
 from ddpo_lite.sampling import rollout
-from ddpo_lite.trainer import (
-    UpdateSettings,
-    accumulate_step,
-    build_components,
-    make_accelerator,
-    score_log_probs,
-    train,
-)
+from ddpo_lite.trainer import build_components, make_accelerator, train
+from ddpo_lite.update import UpdateSettings, accumulate_step, score_log_probs
 
 HALF = [
     "memory.mixed_precision='bf16'",
@@ -112,8 +106,9 @@ def test_on_policy_ratio_is_one(tmp_path, overrides):
 
 @pytest.mark.parametrize("algorithm", ["ddpo-is", "ddpo-sf"])
 def test_chunked_gradient_equals_unchunked(tmp_path, algorithm):
-    """Accumulating chunks of 1, 3 and all timesteps over two train batches gives the gradient
-    of the step's mean loss computed in one forward (float32, rtol 1e-4)."""
+    """Accumulating micro-batches of 1 sample and chunks of 1, 2, 3 and all timesteps over two
+    train batches gives the gradient of the step's mean loss computed in one forward (float32,
+    rtol 1e-4)."""
     config = tiny_config(tmp_path, "sample.num_steps=6", f"train.algorithm='{algorithm}'")
     accelerator = make_accelerator(config)
     run = build_components(config, accelerator)
@@ -144,9 +139,12 @@ def test_chunked_gradient_equals_unchunked(tmp_path, algorithm):
     reference = [p.grad.clone() for p in run.params]
     assert all(g.abs().sum() > 0 for g in reference)
 
-    for chunk in (1, 3, 0):
+    # (micro-batch, timestep chunk): 0 = whole; the second batch has 2 samples to split
+    for micro, chunk in ((0, 1), (0, 3), (0, 0), (1, 0), (1, 2)):
         run.optimizer.zero_grad(set_to_none=True)
-        accumulate_step(accelerator, run.unet, run.scheduler, batches, settings, chunk)
+        accumulate_step(
+            accelerator, run.unet, run.scheduler, batches, settings, chunk, micro_batch=micro
+        )
         for p, ref in zip(run.params, reference, strict=True):
             # float32 summation order differs between chunkings: compare at 1e-4 of the scale
             torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -1,0 +1,213 @@
+"""Held-out evaluation: the policy's reward on prompt groups the run never trains on.
+
+Every evaluation draws prompt j's images from `torch.Generator().manual_seed(seed + j)`, so two
+evaluations (of one LoRA, of successive epochs, of the base and a LoRA) start from the same noise
+and their numbers are comparable; evaluating the same weights twice gives identical numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddpo_lite.config import ConfigError
+from ddpo_lite.drift import diversity
+from ddpo_lite.grid import make_grid
+from ddpo_lite.sampling import rollout
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and '#' comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"evaluation prompt file {str(path)!r} does not exist")
+    lines = (line.strip() for line in path.read_text().splitlines())
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"evaluation prompt file {str(path)!r} holds no prompts")
+    return prompts
+
+
+def load_groups(files: dict[str, str], max_prompts: int = 0) -> dict[str, list[str]]:
+    """{group: prompts} from {group: file}; at most `max_prompts` per group (0 = all)."""
+    groups = {}
+    for name, file in files.items():
+        prompts = read_prompt_file(file)
+        groups[name] = prompts[:max_prompts] if max_prompts else prompts
+    return groups
+
+
+@dataclass
+class GroupResult:
+    prompts: list[str]
+    rewards: np.ndarray  # (num_prompts, num_per_prompt)
+    diversity: float
+    images: list = field(default_factory=list)  # the first image of each prompt
+
+    @property
+    def mean(self) -> float:
+        return float(np.nanmean(self.rewards))
+
+    @property
+    def std(self) -> float:
+        return float(np.nanstd(self.rewards))
+
+
+@torch.no_grad()
+def evaluate(
+    pipe,
+    unet: torch.nn.Module,
+    encoder,
+    scheduler,
+    groups: dict[str, list[str]],
+    reward,
+    *,
+    num_per_prompt: int,
+    seed: int,
+    guidance_scale: float,
+    eta: float,
+    autocast,
+) -> dict[str, GroupResult]:
+    """Sample `num_per_prompt` images per prompt of every group with fixed noise and score them."""
+    results = {}
+    for name, prompts in groups.items():
+        rewards, images, all_images, all_prompts = [], [], [], []
+        for j, prompt in enumerate(prompts):
+            texts = [prompt] * num_per_prompt
+            batch, _ = rollout(
+                pipe,
+                unet,
+                encoder,
+                texts,
+                torch.zeros(num_per_prompt, dtype=torch.long),
+                scheduler=scheduler,
+                guidance_scale=guidance_scale,
+                eta=eta,
+                generator=torch.Generator().manual_seed(seed + j),
+                autocast=autocast,
+            )
+            values, _ = reward(batch, texts, [{} for _ in batch])
+            rewards.append(np.asarray(values, dtype=np.float64))
+            images.append(batch[0])
+            all_images += batch
+            all_prompts += texts
+        results[name] = GroupResult(
+            prompts=list(prompts),
+            rewards=np.stack(rewards),
+            diversity=diversity(all_images, all_prompts),
+            images=images,
+        )
+    return results
+
+
+def eval_metrics(results: dict[str, GroupResult]) -> dict[str, float]:
+    """Flat metrics: eval_<group>_reward_mean/std, eval_<group>_diversity, eval_reward_mean."""
+    row: dict[str, float] = {}
+    for name, group in results.items():
+        row[f"eval_{name}_reward_mean"] = group.mean
+        row[f"eval_{name}_reward_std"] = group.std
+        row[f"eval_{name}_diversity"] = group.diversity
+    all_rewards = np.concatenate([g.rewards.ravel() for g in results.values()])
+    row["eval_reward_mean"] = float(np.nanmean(all_rewards))
+    return row
+
+
+def save_eval_grid(results: dict[str, GroupResult], path: Path, per_group: int = 8) -> None:
+    """The first image of up to `per_group` prompts per group, with group, prompt and reward."""
+    images, captions = [], []
+    for name, group in results.items():
+        for prompt, image, values in zip(
+            group.prompts[:per_group], group.images, group.rewards, strict=False
+        ):
+            images.append(image)
+            captions.append(f"[{name}] {prompt}\nreward {values[0]:.4g}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, captions).save(path)
+
+
+def compare(base: dict[str, GroupResult], tuned: dict[str, GroupResult]) -> list[dict]:
+    """Per group: base and tuned means, their paired difference and its standard error (the
+    same noise for both, so the differences pair up image by image)."""
+    rows = []
+    for name in base:
+        diff = (tuned[name].rewards - base[name].rewards).ravel()
+        diff = diff[np.isfinite(diff)]
+        se = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+        rows.append(
+            {
+                "group": name,
+                "n": int(len(diff)),
+                "base": base[name].mean,
+                "tuned": tuned[name].mean,
+                "difference": float(np.mean(diff)) if len(diff) else float("nan"),
+                "standard_error": se,
+            }
+        )
+    return rows
+
+
+def evaluate_lora(
+    lora: str | Path | None,
+    *,
+    model: str | None = None,
+    prompt_files: dict[str, str] | None = None,
+    reward_name: str | None = None,
+    num_per_prompt: int = 4,
+    seed: int = 20231,
+    steps: int | None = None,
+    device: str = "cpu",
+) -> tuple[dict[str, GroupResult], dict[str, GroupResult] | None]:
+    """Evaluate the base model and, with `lora`, the tuned one on the same noise.
+
+    Defaults come from the LoRA's metadata (base model, reward, steps, guidance, eta) and its
+    preset's `[eval]` prompt groups. Returns (base results, tuned results or None).
+    """
+    import contextlib
+
+    from ddpo_lite.config import RewardConfig, load_config
+    from ddpo_lite.models import load_pipeline
+    from ddpo_lite.rewards.compose import build_reward
+    from ddpo_lite.sample import load_with_lora
+    from ddpo_lite.sampling import PromptEncoder
+    from ddpo_lite.trainer import make_scheduler
+
+    if lora is not None:
+        pipe, metadata = load_with_lora(lora, model, device)
+    elif model:
+        pipe, metadata = load_pipeline(model).to(device), {}
+    else:
+        raise ConfigError("give a LoRA, or a --model to evaluate the base model alone")
+    if not prompt_files:
+        preset = metadata.get("preset")
+        try:
+            prompt_files = load_config(preset).eval.prompts if preset else {}
+        except ConfigError:
+            prompt_files = {}
+        if not prompt_files:
+            raise ConfigError(
+                "no evaluation prompts: pass --prompts FILE (the LoRA's preset "
+                f"{str(preset or 'unknown')!r} names none)"
+            )
+    groups = load_groups(prompt_files)
+    reward = build_reward(
+        RewardConfig(name=reward_name or metadata.get("reward", "")), device=device
+    )
+    scheduler = make_scheduler(pipe, steps or int(metadata.get("num_steps", 50)), device)
+    encoder = PromptEncoder(pipe, device)
+    settings = dict(
+        num_per_prompt=num_per_prompt,
+        seed=seed,
+        guidance_scale=float(metadata.get("guidance_scale", 5.0)),
+        eta=float(metadata.get("eta", 1.0)),
+        autocast=contextlib.nullcontext,
+    )
+    if lora is None:
+        return evaluate(pipe, pipe.unet, encoder, scheduler, groups, reward, **settings), None
+    pipe.disable_lora()
+    base = evaluate(pipe, pipe.unet, encoder, scheduler, groups, reward, **settings)
+    pipe.enable_lora()
+    tuned = evaluate(pipe, pipe.unet, encoder, scheduler, groups, reward, **settings)
+    return base, tuned

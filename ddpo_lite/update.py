@@ -1,0 +1,255 @@
+"""The DDPO update: a chunked gradient accumulator over an epoch's trajectories.
+
+A train batch of `train.batch_size` samples is scored `train.timestep_chunk` timesteps at a time
+(one forward+backward each), and the optimizer steps once per `train.gradient_accumulation`
+batches. Losses are sums divided by the element count of the whole optimizer step, so the
+accumulated gradient equals the unchunked one. Under DDP, gradients are all-reduced only on the
+last backward of each optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from ddpo_lite.algorithms import ddpo_is_loss, ddpo_sf_loss, rwr_loss
+from ddpo_lite.config import Config
+from ddpo_lite.drift import adapters_disabled
+from ddpo_lite.sampling import Trajectory, ddim_kl, ddim_step_with_logprob, predict_noise
+
+
+@dataclass
+class UpdateSettings:
+    """What one chunk's loss needs besides the data."""
+
+    algorithm: str
+    guidance_scale: float
+    eta: float
+    clip_range: float
+    kl_coef: float = 0.0
+
+
+def score_log_probs(
+    unet,
+    scheduler,
+    batch: Trajectory,
+    cols: torch.Tensor,
+    guidance_scale: float,
+    eta: float,
+    autocast,
+    kl_coef: float = 0.0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log pi_theta(x_{t-1} | x_t) of the stored steps `cols` ((B, k) indices), shape (B, k).
+
+    The same `predict_noise` + `ddim_step_with_logprob` the rollout used, on the stored float32
+    latents, under the same autocast and CFG. With `kl_coef` > 0 also returns each step's
+    KL(policy || base) (B, k), the base being the same UNet with its LoRA disabled.
+    """
+    rows = torch.arange(len(batch), device=cols.device)[:, None]
+    k = cols.shape[1]
+    x_t = batch.latents[rows, cols].flatten(0, 1)  # (B*k, C, H, W)
+    x_prev = batch.next_latents[rows, cols].flatten(0, 1)
+    t = batch.timesteps[rows, cols].flatten()
+    embeds = batch.prompt_embeds.repeat_interleave(k, dim=0)
+    with autocast():
+        noise_pred = predict_noise(unet, x_t, t, embeds, batch.negative_embeds, guidance_scale)
+    _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, x_t, eta=eta, prev_sample=x_prev)
+    if not kl_coef:
+        return log_prob.view(len(batch), k)
+    model = getattr(unet, "module", unet)  # DDP wraps it; the adapters live on the inner model
+    with torch.no_grad(), autocast(), adapters_disabled(model):
+        base_pred = predict_noise(model, x_t, t, embeds, batch.negative_embeds, guidance_scale)
+    kl = ddim_kl(scheduler, noise_pred, base_pred, t, x_t, eta)
+    return log_prob.view(len(batch), k), kl.view(len(batch), k)
+
+
+def chunk_loss(
+    unet,
+    scheduler,
+    batch: Trajectory,
+    cols: torch.Tensor,
+    weights: torch.Tensor,
+    valid: torch.Tensor,
+    settings: UpdateSettings,
+    autocast,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed loss of one chunk: samples `batch`, their steps `cols` (B, k), per-sample
+    `weights` (B,) = advantages (DDPO) or RWR weights; samples with `valid` False add nothing."""
+    if settings.algorithm == "rwr":
+        # denoising loss on the final samples x_0, noised afresh at the chunk's timesteps
+        k = cols.shape[1]
+        rows = torch.arange(len(batch), device=cols.device)[:, None]
+        x0 = batch.next_latents[:, -1].repeat_interleave(k, dim=0)
+        t = batch.timesteps[rows, cols].flatten()
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        noisy = scheduler.add_noise(x0, noise, t)
+        embeds = batch.prompt_embeds.repeat_interleave(k, dim=0)
+        with autocast():
+            noise_pred = predict_noise(unet, noisy, t, embeds, None, 1.0)
+        return rwr_loss(noise_pred, noise, (weights * valid).repeat_interleave(k))
+
+    scored = score_log_probs(
+        unet,
+        scheduler,
+        batch,
+        cols,
+        settings.guidance_scale,
+        settings.eta,
+        autocast,
+        kl_coef=settings.kl_coef,
+    )
+    log_prob, kl = scored if settings.kl_coef else (scored, None)
+    old = batch.log_probs[torch.arange(len(batch), device=cols.device)[:, None], cols]
+    # a dropped sample scores as its old log-prob: ratio 1, advantage 0, no gradient, no stats
+    log_prob = torch.where(valid[:, None], log_prob, old)
+    adv = (weights * valid)[:, None].expand_as(log_prob)
+    if settings.algorithm == "ddpo-is":
+        loss, stats = ddpo_is_loss(log_prob, old, adv, settings.clip_range)
+    else:
+        loss, stats = ddpo_sf_loss(log_prob, old, adv)
+    if kl is not None:
+        kl_sum = (kl * valid[:, None]).sum()
+        loss = loss + settings.kl_coef * kl_sum
+        stats["kl_penalty"] = kl_sum.detach()
+    return loss, stats
+
+
+def accumulate_step(
+    accelerator: Accelerator,
+    unet,
+    scheduler,
+    batches: Sequence[tuple[Trajectory, torch.Tensor, torch.Tensor, torch.Tensor]],
+    settings: UpdateSettings,
+    timestep_chunk: int,
+    generator: torch.Generator | None = None,
+    micro_batch: int = 0,
+) -> dict[str, float]:
+    """Forward+backward for one optimizer step, without stepping.
+
+    `batches`: (samples, cols (B, k), weights (B,), valid (B,) bool) per train batch. Each batch
+    is split into micro-batches of `micro_batch` samples (0 = the whole batch), and each of those
+    runs `timestep_chunk` of its k timesteps per forward+backward (0 = all). Every piece's summed
+    loss is divided by the valid element count of the whole step, so the gradient is that of the
+    step's mean loss however it is split. DDP all-reduces only on the step's last backward.
+    """
+    total = sum(int(valid.sum()) * cols.shape[1] for _, cols, _, valid in batches)
+    total = max(total, 1)
+    chunks = []
+    for samples, cols, weights, valid in batches:
+        n, k = cols.shape
+        rows = micro_batch if 0 < micro_batch < n else n
+        size = timestep_chunk if 0 < timestep_chunk < k else k
+        for first in range(0, n, rows):
+            part = slice(first, first + rows)
+            micro = (
+                samples if rows == n else samples.index(torch.arange(n, device=cols.device)[part])
+            )
+            for start in range(0, k, size):
+                chunks.append((micro, cols[part, start : start + size], weights[part], valid[part]))
+    sums: dict[str, float] = {}
+    for i, (samples, cols, weights, valid) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        context = torch.enable_grad() if last else accelerator.no_sync(unet)
+        with context:
+            loss, stats = chunk_loss(
+                unet,
+                scheduler,
+                samples,
+                cols,
+                weights,
+                valid,
+                settings,
+                accelerator.autocast,
+                generator,
+            )
+            accelerator.backward(loss / total)
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / total
+        for name, value in stats.items():
+            if name == "ratio_dev":
+                sums[name] = max(sums.get(name, 0.0), float(value))
+            else:
+                sums[name] = sums.get(name, 0.0) + float(value) / total
+    return sums
+
+
+def timestep_columns(
+    num_samples: int, num_steps: int, fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """A random subset of int(num_steps * fraction) (at least 1) steps per sample, (N, k)."""
+    k = max(1, int(num_steps * fraction))
+    return torch.stack(
+        [torch.randperm(num_steps, generator=generator)[:k] for _ in range(num_samples)]
+    )
+
+
+def update(
+    accelerator: Accelerator,
+    unet,
+    optimizer,
+    params: list[torch.nn.Parameter],
+    scheduler,
+    trajectory: Trajectory,
+    weights: torch.Tensor,
+    valid: torch.Tensor,
+    config: Config,
+    generator: torch.Generator,
+    progress: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """The inner epochs of one epoch's update; returns the mean of each statistic per step."""
+    train = config.train
+    settings = UpdateSettings(
+        train.algorithm,
+        config.sample.guidance_scale,
+        config.sample.eta,
+        train.clip_range,
+        train.kl_coef,
+    )
+    device = trajectory.latents.device
+    num_samples, num_steps = trajectory.log_probs.shape
+    history: list[dict[str, float]] = []
+    unet.train()
+    for _ in range(train.num_inner_epochs):
+        order = torch.randperm(num_samples, generator=generator).to(device)
+        cols = timestep_columns(num_samples, num_steps, train.timestep_fraction, generator).to(
+            device
+        )
+        row_groups = order.split(train.batch_size)
+        per_step = len(row_groups) if train.algorithm == "ddpo-sf" else train.gradient_accumulation
+        for start in range(0, len(row_groups), per_step):
+            # gather only this optimizer step's samples: no copy of the whole epoch's trajectory
+            batches = [
+                (trajectory.index(rows), cols[rows], weights[rows], valid[rows])
+                for rows in row_groups[start : start + per_step]
+            ]
+            step_stats = accumulate_step(
+                accelerator,
+                unet,
+                scheduler,
+                batches,
+                settings,
+                train.timestep_chunk,
+                generator,
+                micro_batch=train.micro_batch_size,
+            )
+            grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_stats["grad_norm"] = float(grad_norm)
+            history.append(step_stats)
+            progress()
+    unet.eval()
+    return {name: float(np.mean([h[name] for h in history])) for name in history[0]}
+
+
+def optimizer_steps(config: Config, num_samples: int) -> int:
+    batches = math.ceil(num_samples / config.train.batch_size)
+    per_step = (
+        batches if config.train.algorithm == "ddpo-sf" else config.train.gradient_accumulation
+    )
+    return config.train.num_inner_epochs * math.ceil(batches / per_step)
