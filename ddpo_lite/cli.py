@@ -319,6 +319,7 @@ def _is_user_error(err: BaseException) -> bool:
     from ddpo_lite.models import ModelLoadError
     from ddpo_lite.models.memory import MissingDependencyError
     from ddpo_lite.rewards import UnknownRewardError
+    from ddpo_lite.rewards._models import RewardModelError
     from ddpo_lite.rewards.compose import RewardError
 
     user_errors = (
@@ -329,6 +330,7 @@ def _is_user_error(err: BaseException) -> bool:
         UnknownRewardError,
         LoraFileError,
         RewardError,
+        RewardModelError,
         FileNotFoundError,
     )
     return isinstance(err, user_errors)

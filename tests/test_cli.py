@@ -148,13 +148,19 @@ def test_presets_list_show_and_version(capsys):
     assert main(["presets", "show", "aesthetic"]) == 0
     shown = tomllib.loads(capsys.readouterr().out)
     assert shown["train"]["learning_rate"] == 3e-4 and shown["reward"]["name"] == "aesthetic"
+    assert main(["rewards"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("aesthetic", "prompt_alignment", "jpeg_compressibility", "pickscore", "hps"):
+        assert name in listed
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0
     assert __version__ in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["export"], ["presets"]])
+@pytest.mark.parametrize(
+    "command", [[], ["train"], ["sample"], ["export"], ["presets"], ["eval"], ["serve-reward"]]
+)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])

@@ -64,4 +64,12 @@ def get_reward(name: str, **options: Any) -> Reward:
 
 
 def _load_builtins() -> None:
-    from ddpo_lite.rewards import jpeg  # noqa: F401  (registers on import)
+    from ddpo_lite.rewards import (  # noqa: F401  (registers on import)
+        aesthetic,
+        alignment,
+        clip_score,
+        hps,
+        image_reward,
+        jpeg,
+        pickscore,
+    )
