@@ -66,9 +66,15 @@ def epoch_summary(epoch: int, num_epochs: int, row: dict) -> str:
         f"reward {row['reward_mean']:.4g} ± {row['reward_std']:.3g}",
     ]
     if "approx_kl" in row:
-        parts.append(f"kl {row['approx_kl']:.3g}")
+        parts.append(f"approx kl {row['approx_kl']:.3g}")
     if "clipfrac" in row:
         parts.append(f"clip {row['clipfrac']:.3f}")
+    if "kl_to_base" in row:
+        parts.append(f"kl to base {row['kl_to_base']:.3g}")
+    if "diversity" in row:
+        parts.append(f"diversity {row['diversity']:.3g}")
+    if "eval_reward_mean" in row:
+        parts.append(f"eval {row['eval_reward_mean']:.4g}")
     parts += [
         f"{row['epoch_seconds']:.1f} s/epoch",
         f"{row['samples_per_second']:.2f} samples/s",
@@ -110,6 +116,18 @@ def lora_metadata(config: Config) -> dict:
     }
 
 
+def _best_line(output_dir: Path) -> str:
+    """A line about best_lora/ when the run kept one."""
+    meta_file = output_dir / "best_lora" / "ddpo_lite.json"
+    if not meta_file.is_file():
+        return ""
+    meta = json.loads(meta_file.read_text())
+    return (
+        f"- the best LoRA by held-out evaluation reward ({meta.get('eval_reward_mean', 0):.4g}, "
+        f"after epoch {meta.get('epoch')}) is in `best_lora/`\n"
+    )
+
+
 def write_model_card(
     output_dir: Path, config: Config, metadata: dict, epochs_done: int, metrics: list[dict]
 ) -> None:
@@ -135,9 +153,9 @@ ddpo-lite {__version__} for the reward `{config.reward.name}`.
 - LoRA rank {config.lora.rank}, alpha {config.lora.alpha}, on {", ".join(config.lora.target_modules)}
 - sampling: {config.sample.num_steps} DDIM steps, eta {config.sample.eta}, \
 guidance {config.sample.guidance_scale}
-- the full configuration is in `config.toml`, per-epoch metrics in `metrics.jsonl`,
-  sample grids in `samples/`
-
+- the full configuration is in `config.toml`, per-epoch metrics in `metrics.jsonl`
+  (reward, KL to the base model, diversity, held-out evaluation), sample grids in `samples/`
+{_best_line(output_dir)}
 ## Load it
 
 ```python
