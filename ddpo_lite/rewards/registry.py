@@ -51,4 +51,4 @@ def get_reward(name: str) -> Reward:
 
 
 def _load_builtins() -> None:
-    from ddpo_lite.rewards import jpeg  # noqa: F401  (registers on import)
+    from ddpo_lite.rewards import jpeg, shapes  # noqa: F401  (registers on import)
