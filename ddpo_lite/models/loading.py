@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion 1.x pipeline from "tiny", a local diffusers folder, or a Hub id.
+"""Load a Stable Diffusion 1.x pipeline from "tiny", "shapes", a local diffusers folder, or a Hub id.
 
 Every failure a user can cause or fix (a wrong path, a folder in the wrong layout, no network) is a
 `ModelLoadError` whose message is one line saying what was wrong and what to do instead.
@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from .tiny import quiet_progress_bars, tiny_pipeline_dir
 
-__all__ = ["HUB_PROBE_TIMEOUT_S", "ModelLoadError", "load_pipeline"]
+__all__ = ["HUB_PROBE_TIMEOUT_S", "SHAPES_MODEL_DIR", "ModelLoadError", "load_pipeline"]
 
 #: Seconds to wait for the Hugging Face Hub to answer before calling it unreachable
 #: (``$DDPO_LITE_HUB_TIMEOUT`` overrides it).
@@ -26,13 +26,17 @@ HUB_PROBE_TIMEOUT_S = 5.0
 
 _REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _TINY_RE = re.compile(r"tiny(?::(\d+))?")
+#: The small pretrained model shipped inside the package (trained by scripts/train_shapes_model.py).
+SHAPES_MODEL_DIR = Path(__file__).parent / "shapes_model"
+
 _ACCEPTED_FORMS = (
     'accepted forms: "tiny" (or "tiny:SEED", the built-in offline test model), '
+    '"shapes" (the built-in pretrained shapes-world model), '
     "a local folder with a diffusers Stable Diffusion layout (model_index.json, unet/, vae/, "
     'text_encoder/, tokenizer/, scheduler/), or a Hugging Face Hub id such as "owner/name"'
 )
 _OFFLINE_HINT = (
-    'offline, use "tiny", a local folder with a diffusers Stable Diffusion layout, '
+    'offline, use "tiny", "shapes", a local folder with a diffusers Stable Diffusion layout, '
     "or download the model beforehand (e.g. `hf download ID`) so it is in the local Hugging Face "
     "cache (set HF_HUB_OFFLINE=1 to skip the network entirely)"
 )
@@ -51,6 +55,8 @@ def load_pipeline(
 
     - ``"tiny"`` / ``"tiny:SEED"``: the built-in offline model (`tiny_pipeline_dir`), loaded with
       ``from_pretrained`` like any folder; ``seed`` applies to plain ``"tiny"``.
+    - ``"shapes"``: the small pretrained model that ships inside the package (``SHAPES_MODEL_DIR``;
+      32x32 coloured shapes, captions like "a red circle on a blue background").
     - a local folder in diffusers layout (``model_index.json`` and the component subfolders).
     - a Hub id ``"owner/name"``: the local Hugging Face cache first, then the Hub.
 
@@ -70,6 +76,8 @@ def load_pipeline(
     if tiny:
         tiny_seed = int(tiny.group(1)) if tiny.group(1) is not None else seed
         pipe = _from_folder(tiny_pipeline_dir(tiny_seed), kwargs)
+    elif name == "shapes":
+        pipe = _from_folder(SHAPES_MODEL_DIR, kwargs)
     elif path.is_dir():
         pipe = _from_folder(path, kwargs)
     elif path.exists():

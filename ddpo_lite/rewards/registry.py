@@ -72,4 +72,5 @@ def _load_builtins() -> None:
         image_reward,
         jpeg,
         pickscore,
+        shapes,
     )
