@@ -2,6 +2,7 @@
 own DDIM step, the trajectory KL (zero for the base, no second model), sample diversity, the
 KL penalty (free when off, pulls towards the base when on), and the guard's rules."""
 
+import json
 import math
 
 import numpy as np
@@ -163,3 +164,31 @@ def test_metrics_carry_kl_and_diversity(tmp_path):
     assert rows[0]["kl_to_base"] == 0  # the first epoch samples from the base model
     assert rows[1]["kl_to_base"] > 0
     assert 0 < rows[1]["diversity"] < 1
+
+
+def test_the_guard_stops_a_drifting_run_and_says_why(tmp_path, capsys):
+    """A run whose KL from the base passes guard.max_kl stops after that epoch, checkpointed,
+    naming the rule; the same run with the bound out of reach runs to the end."""
+    common = [
+        "num_epochs=4",
+        "sample.num_steps=3",
+        "sample.num_batches_per_epoch=1",
+        "train.learning_rate=5e-2",
+        "log_with=[]",
+    ]
+    free = train(tiny_config(tmp_path / "free", *common), show_progress=False)
+    kls = [row["kl_to_base"] for row in free.metrics]
+    assert free.stop_reason is None and len(kls) == 4 and kls[0] == 0 and max(kls) > 0
+    # a bound between the first positive KL and the largest: the guard must fire at the
+    # first epoch whose KL exceeds it
+    bound = (min(k for k in kls if k > 0) + max(kls)) / 2
+    fires_at = next(i for i, k in enumerate(kls) if k > bound)
+    guarded = train(
+        tiny_config(tmp_path / "guarded", *common, f"guard.max_kl={bound}"), show_progress=False
+    )
+    assert guarded.stopped_epoch == fires_at and "guard.max_kl" in guarded.stop_reason
+    assert len(guarded.metrics) == fires_at + 1
+    out = guarded.output_dir
+    assert (out / "checkpoints" / f"epoch_{fires_at + 1:04d}").is_dir()
+    assert json.loads((out / "stopped.json").read_text())["epoch"] == fires_at
+    assert f"stopped after epoch {fires_at + 1} by guard.max_kl" in capsys.readouterr().out
