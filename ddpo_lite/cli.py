@@ -5,6 +5,7 @@ ddpo-lite train --resume DIR [--set num_epochs=200]
 ddpo-lite sample --lora runs/tiny/lora --prompt "a cat" [--num 4] [--seed 0]
 ddpo-lite eval --lora runs/tiny/lora --prompts heldout.txt
 ddpo-lite export runs/tiny/lora --output lora_kohya.safetensors
+ddpo-lite bench [--estimate] [--json] [--model sd15-random] [--vs-pipeline]
 ddpo-lite presets [show NAME]
 ddpo-lite rewards
 ddpo-lite --version
@@ -45,6 +46,11 @@ def _train(args: argparse.Namespace) -> int:
         if args.output:
             overrides.append(f"output_dir={_quote(args.output)}")
         config = load_config(args.preset, overrides)  # validated before any model loads
+    if args.vram is not None:
+        from ddpo_lite.bench import select_for_vram
+
+        config, report = select_for_vram(config, args.vram)
+        _out.print(report, highlight=False, markup=False)
     from ddpo_lite.trainer import train
 
     result = train(
@@ -145,6 +151,19 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    # the bench's own parser: building it imports torch and diffusers, so only when asked
+    from ddpo_lite.bench import add_bench_arguments, run_bench
+
+    parser = argparse.ArgumentParser(
+        prog="ddpo-lite bench",
+        description="Measure peak memory and speed per phase (sampling, reward, training), or "
+        "predict them without running (--estimate).",
+    )
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(args.bench_args))
+
+
 def _presets(args: argparse.Namespace) -> int:
     import tomllib
 
@@ -209,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--export",
         choices=["kohya"],
         help="also write lora_kohya.safetensors (ComfyUI/A1111 keys) at the end",
+    )
+    train.add_argument(
+        "--vram",
+        type=float,
+        metavar="GB",
+        help="choose memory settings that fit this accelerator budget (from the estimate)",
     )
     train.set_defaults(func=_train)
 
@@ -284,13 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     serve.set_defaults(func=run_from_args)
 
+    bench = commands.add_parser(
+        "bench",
+        help="measure or predict memory and speed (`ddpo-lite bench --help`)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
+
     rewards = commands.add_parser("rewards", help="list the built-in rewards")
     rewards.set_defaults(func=_rewards)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the bench parses its own options (--help included)
+        args = argparse.Namespace(func=_bench, bench_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as err:

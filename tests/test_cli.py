@@ -159,7 +159,8 @@ def test_presets_list_show_and_version(capsys):
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["train"], ["sample"], ["export"], ["presets"], ["eval"], ["serve-reward"]]
+    "command",
+    [[], ["train"], ["sample"], ["export"], ["presets"], ["eval"], ["serve-reward"], ["bench"]],
 )
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:

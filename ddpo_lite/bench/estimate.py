@@ -1,0 +1,607 @@
+"""Predict a run's peak accelerator memory per phase, on any machine, in seconds.
+
+Method. The run's own models (built from their configs on PyTorch's meta device: no memory, no
+arithmetic) go through the run's own code paths (`predict_noise` + `ddim_step_with_logprob` for a
+sampling step, the VAE decode, the reward's vision model, `update.chunk_loss` + backward for one
+training chunk) under `MemoryCounter`, which counts live tensor bytes as ops allocate and free
+them. That gives each step's transient peak. A phase's peak is then what stays resident on the
+accelerator in that phase (weights at their stored dtype, LoRA, optimizer state, gradients, the
+epoch's stored trajectory) plus the largest transient of the phase, composed as the trainer runs:
+
+- prompt encoding (run start): the text encoder (visiting when offloaded) on the prompt list;
+- sampling: max of a denoising step of the last batch (the earlier batches' trajectories held),
+  its VAE decode, and `Trajectory.cat` at the end of the epoch (the per-batch parts and the
+  concatenated copy live at once: twice the epoch's trajectory);
+- reward: the reward model and its forward on one sampling batch, with the epoch's trajectory held;
+- training: one forward+backward chunk (micro-batch x timestep chunk, x2 for CFG), with LoRA
+  gradients, optimizer state, the epoch's trajectory and the optimizer step's gathered samples held.
+
+With `reward.overlap` the trainer scores batch k while it samples batch k+1, so the run's peak
+also counts a denoising step or decode plus the reward's forward (and its weights when offloaded)
+at the same time (the trainer collects every score before concatenating the trajectories).
+
+Assumptions (stated in every estimate):
+- attention under 'sdpa' and 'xformers' counted as the memory-efficient / flash kernel counts it
+  (output + float32 logsumexp; no N x N matrix); 'math' runs diffusers' AttnProcessor for real;
+- CUDA autocast emulated (`MetaAutocast`): matmul/conv/linear in the autocast dtype, norms and
+  softmax in float32; autocast's cast cache for the fp32 LoRA weights is not modelled (a few MB);
+- each allocation rounded up to 512 bytes (the caching allocator's block); reserved memory is
+  predicted as allocated x (1 + ALLOCATOR_OVERHEAD), and the CUDA context (CUDA_CONTEXT_BYTES,
+  outside PyTorch's allocator) is added when checking a card's budget;
+- 8-bit AdamW as bitsandbytes keeps it: uint8 moments + a float32 absmax per 256-element block for
+  tensors of >= 4096 elements, float32 moments below that; torch AdamW: two float32 moments;
+- kernel workspaces (cuBLAS, cuDNN) are not tensors and are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ddpo_lite.bench.counting import (
+    CUDA_BLOCK,
+    MemoryCounter,
+    autocast_factory,
+    checkpoint_with_autocast,
+    module_bytes,
+)
+from ddpo_lite.config import Config
+from ddpo_lite.models.memory import DTYPES
+
+GiB = 2**30
+#: Reserved / allocated - 1 assumed for the CUDA caching allocator (block rounding, fragmentation).
+ALLOCATOR_OVERHEAD = 0.10
+#: The CUDA context and kernels' own memory, outside PyTorch's allocator (assumed).
+CUDA_CONTEXT_BYTES = int(0.5 * GiB)
+#: bitsandbytes keeps 8-bit state only for tensors with at least this many elements.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCK = 256
+
+ASSUMPTIONS = [
+    "counted on the meta device: live tensor bytes of the run's own models and code paths",
+    "attention 'sdpa'/'xformers' counted as a flash/memory-efficient kernel "
+    "(output + fp32 logsumexp, no N x N matrix); 'math' counted as diffusers runs it",
+    "CUDA autocast emulated (matmul/conv in the autocast dtype, norms/softmax in fp32)",
+    "allocations rounded to 512 B; reserved = allocated x "
+    f"{1 + ALLOCATOR_OVERHEAD:.2f}; CUDA context {CUDA_CONTEXT_BYTES / GiB:.1f} GiB on top",
+    "8-bit AdamW: uint8 moments + fp32 absmax per 256 elements for tensors >= 4096 elements, "
+    "fp32 moments below",
+    "cuBLAS/cuDNN workspaces not counted",
+]
+
+
+@dataclass
+class PhaseEstimate:
+    """One phase's predicted peak (allocated bytes) and what makes it up at that peak."""
+
+    peak_bytes: int
+    parts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "parts": dict(self.parts)}
+
+
+@dataclass
+class Estimate:
+    """The predicted peaks of a run's phases and of the whole run."""
+
+    phases: dict[str, PhaseEstimate]
+    peak_bytes: int
+    model: str
+    resolution: int
+    seconds: float = 0.0
+    assumptions: list[str] = field(default_factory=lambda: list(ASSUMPTIONS))
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return int(self.peak_bytes * (1 + ALLOCATOR_OVERHEAD))
+
+    @property
+    def device_bytes(self) -> int:
+        """What the card must hold: reserved memory plus the CUDA context."""
+        return self.reserved_bytes + CUDA_CONTEXT_BYTES
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "estimate",
+            "model": self.model,
+            "resolution": self.resolution,
+            "peak_bytes": self.peak_bytes,
+            "reserved_bytes": self.reserved_bytes,
+            "device_bytes": self.device_bytes,
+            "phases": {name: phase.to_dict() for name, phase in self.phases.items()},
+            "seconds": self.seconds,
+            "assumptions": list(self.assumptions),
+            "notes": list(self.notes),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# the models, on the meta device
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetaModels:
+    """A run's accelerator-side models on the meta device, with the config's levers applied."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    reward: torch.nn.Module | None
+    """The reward's vision model (None when the reward runs no model on the accelerator)."""
+    scheduler: object
+    lora_params: list[torch.nn.Parameter]
+    reward_dtype: torch.dtype
+    resolution: int
+    note: str = ""
+
+
+#: Rewards that run no model on the accelerator.
+CPU_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
+
+
+def _reward_names(config: Config) -> list[str]:
+    if config.reward.url:
+        return []
+    return list(config.reward.weights) or [config.reward.name]
+
+
+def build_meta_models(config: Config, resolution: int = 512) -> MetaModels:
+    """The config's pipeline and reward model on the meta device, levers applied, LoRA on.
+    `resolution` (pixels) applies to SD 1.x models; the tiny model has its own (32)."""
+    from ddpo_lite.models.lora import attach_lora
+    from ddpo_lite.models.memory import apply_memory_settings
+
+    name = config.model.name
+    note = ""
+    if name == "tiny" or name.startswith("tiny:"):
+        from ddpo_lite.models import load_pipeline
+
+        pipe = load_pipeline(name, seed=config.model.seed)
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            model.to("meta")
+    else:
+        from ddpo_lite.bench.sd15 import SD15_RANDOM, build_sd15_pipeline
+
+        pipe = build_sd15_pipeline(resolution=resolution, device="meta")
+        if name != SD15_RANDOM:
+            note = (
+                f"model {name!r} estimated with SD 1.5's published architecture "
+                "(SD 1.x: 1.4 and 1.5 share it)"
+            )
+    # the levers, exactly as the trainer applies them; xformers is counted as SDPA's
+    # memory-efficient kernel (it is one), so the estimate does not need xformers installed
+    memory = config.memory
+    if memory.attention == "xformers":
+        memory = dataclasses.replace(memory, attention="sdpa")
+    meta = torch.device("meta")
+    apply_memory_settings(pipe, memory, meta)
+    if memory.gradient_checkpointing:  # recompute under the emulated autocast too
+        pipe.unet.enable_gradient_checkpointing(
+            gradient_checkpointing_func=checkpoint_with_autocast
+        )
+    pipe.text_encoder.to(meta)
+    params = attach_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+
+    reward = None
+    reward_names = _reward_names(config)
+    # the model rewards run fp16 on a GPU (rewards/_models.resolve_dtype)
+    reward_dtype = torch.float32 if memory.cpu else torch.float16
+    if any(r not in CPU_REWARDS for r in reward_names):
+        from ddpo_lite.bench.sd15 import build_clip_vision
+
+        reward = build_clip_vision(device="meta").to(reward_dtype).eval()
+        others = [r for r in reward_names if r not in CPU_REWARDS and r != "aesthetic"]
+        if others:
+            note += (
+                f"{'; ' if note else ''}reward(s) {others} estimated as a CLIP ViT-L/14 "
+                "(the aesthetic reward's model)"
+            )
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return MetaModels(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        reward=reward,
+        scheduler=pipe.scheduler,
+        lora_params=params,
+        reward_dtype=reward_dtype,
+        resolution=resolution,
+        note=note,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# accounting by formula: optimizer state, trajectories
+# ---------------------------------------------------------------------------------------------
+
+
+def adam_state_bytes(params: list[torch.nn.Parameter], use_8bit: bool) -> int:
+    """AdamW's two moments for `params` (bitsandbytes blockwise 8-bit, or float32)."""
+    total = 0
+    for p in params:
+        n = p.numel()
+        if use_8bit and n >= BNB_MIN_8BIT_SIZE:
+            blocks = math.ceil(n / BNB_BLOCK)
+            total += 2 * n + 2 * 4 * blocks  # state1/state2 uint8 + absmax1/absmax2 float32
+        else:
+            total += 2 * 4 * n
+    return total
+
+
+def _rounded(nbytes: int) -> int:
+    return math.ceil(nbytes / CUDA_BLOCK) * CUDA_BLOCK
+
+
+def trajectory_bytes(num_samples: int, num_steps: int, latent_shape, embed_shape, embed_dtype):
+    """Bytes a `Trajectory` of `num_samples` holds (latents and actions stay float32)."""
+    elements = math.prod(latent_shape)
+    embed_size = torch.empty((), dtype=embed_dtype).element_size()
+    return (
+        _rounded(2 * num_samples * num_steps * elements * 4)  # latents, next_latents
+        + _rounded(num_samples * num_steps * 8)  # timesteps (long)
+        + _rounded(num_samples * num_steps * 4)  # log_probs
+        + _rounded(num_samples * math.prod(embed_shape) * embed_size)  # prompt_embeds
+        + _rounded(num_samples * 8)  # prompt_ids
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# transients, counted on the meta device
+# ---------------------------------------------------------------------------------------------
+
+
+def _counted(fn) -> int:
+    """Peak bytes allocated while `fn` runs (what existed before is not counted)."""
+    with MemoryCounter(round_to=CUDA_BLOCK) as counter:
+        fn()
+    return counter.peak
+
+
+def _autocast_dtype(config: Config) -> torch.dtype | None:
+    mixed = config.memory.mixed_precision
+    return None if mixed == "no" else DTYPES[mixed]
+
+
+def _embeds(models: MetaModels, batch: int) -> torch.Tensor:
+    cfg = models.text_encoder.config
+    return torch.empty(
+        batch,
+        cfg.max_position_embeddings,
+        cfg.hidden_size,
+        device="meta",
+        dtype=_embed_dtype(models),
+    )
+
+
+def _embed_dtype(models: MetaModels) -> torch.dtype:
+    return next(models.text_encoder.parameters()).dtype
+
+
+def _latent_shape(models: MetaModels) -> tuple[int, int, int]:
+    size = models.unet.config.sample_size
+    return (models.unet.config.in_channels, size, size)
+
+
+def sampling_step_peak(models: MetaModels, config: Config, batch: int) -> int:
+    """One denoising step of `batch` images (CFG doubles the UNet batch), as `rollout` runs it."""
+    from ddpo_lite.sampling import ddim_step_with_logprob, predict_noise
+
+    scheduler = _scheduler(models, config)
+    latents = torch.empty(batch, *_latent_shape(models), device="meta")
+    embeds = _embeds(models, batch)
+    negative = _embeds(models, 1) if config.sample.guidance_scale > 1 else None
+    autocast = autocast_factory(_autocast_dtype(config))
+    t = scheduler.timesteps[0]
+
+    @torch.no_grad()
+    def step():
+        with autocast():
+            noise = predict_noise(
+                models.unet, latents, t, embeds, negative, config.sample.guidance_scale
+            )
+        ddim_step_with_logprob(scheduler, noise, t, latents, eta=max(config.sample.eta, 1e-3))
+
+    return _counted(step)
+
+
+def decode_peak(models: MetaModels, batch: int) -> int:
+    """`decode_latents` of `batch` latents (VAE slicing decodes them one at a time)."""
+    latents = torch.empty(batch, *_latent_shape(models), device="meta")
+    vae = models.vae
+    autocast = autocast_factory(None)  # the decode runs outside autocast, in the VAE's dtype
+
+    @torch.no_grad()
+    def decode():
+        with autocast():
+            scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
+            image = vae.decode(scaled, return_dict=False)[0]
+            image.float()
+
+    return _counted(decode)
+
+
+def encode_peak(models: MetaModels, batch: int) -> int:
+    """The text encoder on `batch` prompts (the prompt encoder's preload batches of <= 64)."""
+    ids = torch.zeros(batch, models.text_encoder.config.max_position_embeddings, dtype=torch.long)
+    ids = ids.to("meta")
+
+    @torch.no_grad()
+    def encode():
+        with autocast_factory(None)():
+            models.text_encoder(ids)
+
+    return _counted(encode)
+
+
+def reward_peak(models: MetaModels, batch: int) -> int:
+    """The reward's vision model on `batch` 224x224 images (pixels moved to the accelerator)."""
+    if models.reward is None:
+        return 0
+    size = models.reward.config.image_size
+    pixels = torch.empty(batch, 3, size, size)
+
+    @torch.inference_mode()
+    def score():
+        with autocast_factory(None)():
+            embeds = models.reward(pixel_values=pixels.to("meta", models.reward_dtype)).image_embeds
+            (embeds / embeds.norm(dim=-1, keepdim=True)).sum(-1)
+
+    return _counted(score)
+
+
+def _scheduler(models: MetaModels, config: Config):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(models.scheduler.config)
+    scheduler.set_timesteps(config.sample.num_steps)
+    return scheduler
+
+
+def train_shape(config: Config) -> tuple[int, int, int]:
+    """(samples per backward, timesteps per backward, timesteps trained per sample)."""
+    train = config.train
+    micro = getattr(train, "micro_batch_size", 0) or train.batch_size
+    micro = min(micro, train.batch_size)
+    k = max(1, int(config.sample.num_steps * train.timestep_fraction))
+    chunk = train.timestep_chunk if 0 < train.timestep_chunk < k else k
+    return micro, chunk, k
+
+
+def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk: int) -> int:
+    """Forward+backward of one chunk (`samples` x `chunk` timesteps) through `chunk_loss`, the
+    update's own loss, with the LoRA gradients already allocated (they persist across chunks)."""
+    from ddpo_lite.sampling import Trajectory
+    from ddpo_lite.update import UpdateSettings, chunk_loss
+
+    scheduler = _scheduler(models, config)
+    n = config.sample.num_steps
+    latent = _latent_shape(models)
+    batch = Trajectory(
+        latents=torch.empty(samples, n, *latent, device="meta"),
+        next_latents=torch.empty(samples, n, *latent, device="meta"),
+        timesteps=scheduler.timesteps.repeat(samples, 1).to("meta"),
+        log_probs=torch.empty(samples, n, device="meta"),
+        prompt_embeds=_embeds(models, samples),
+        negative_embeds=_embeds(models, 1) if config.sample.guidance_scale > 1 else None,
+        prompt_ids=torch.zeros(samples, dtype=torch.long, device="meta"),
+    )
+    cols = torch.arange(chunk).repeat(samples, 1).to("meta")
+    weights = torch.empty(samples, device="meta")
+    valid = torch.ones(samples, dtype=torch.bool, device="meta")
+    settings = UpdateSettings(
+        config.train.algorithm,
+        config.sample.guidance_scale,
+        max(config.sample.eta, 1e-3),
+        config.train.clip_range,
+        getattr(config.train, "kl_coef", 0.0),  # > 0 adds a no-grad forward of the base model
+    )
+    for p in models.lora_params:
+        p.grad = torch.empty_like(p)
+    models.unet.train()
+
+    def forward_backward():
+        loss, _ = chunk_loss(
+            models.unet,
+            scheduler,
+            batch,
+            cols,
+            weights,
+            valid,
+            settings,
+            autocast_factory(_autocast_dtype(config)),
+            torch.Generator().manual_seed(0),
+        )
+        loss.backward()
+
+    try:
+        return _counted(forward_backward)
+    finally:
+        models.unet.eval()
+        for p in models.lora_params:
+            p.grad = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the phases
+# ---------------------------------------------------------------------------------------------
+
+
+def estimate(config: Config, models: MetaModels | None = None, resolution: int = 512) -> Estimate:
+    """Predict `config`'s peak accelerator memory per phase (see the module docstring);
+    `resolution` in pixels for SD 1.x models."""
+    start = time.perf_counter()
+    models = models or build_meta_models(config, resolution)
+    transients = Transients(models, config)
+    result = compose(config, models, transients)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+class Transients:
+    """Each step's transient peak, counted once on the meta device and cached."""
+
+    def __init__(self, models: MetaModels, config: Config):
+        self.models, self.config = models, config
+        self._cache: dict[tuple, int] = {}
+        self.shared: dict[tuple, int] = {}
+        """Inference-only transients, shareable between models that differ only in gradient
+        checkpointing (which acts only under autograd)."""
+
+    def get(self, key: tuple, fn) -> int:
+        cache = self._cache if key[0] == "train" else self.shared
+        if key not in cache:
+            cache[key] = fn()
+        return cache[key]
+
+    def sampling(self, batch: int) -> int:
+        return self.get(
+            ("sample", batch), lambda: sampling_step_peak(self.models, self.config, batch)
+        )
+
+    def decode(self, batch: int) -> int:
+        return self.get(("decode", batch), lambda: decode_peak(self.models, batch))
+
+    def encode(self, batch: int) -> int:
+        return self.get(("encode", batch), lambda: encode_peak(self.models, batch))
+
+    def reward(self, batch: int) -> int:
+        return self.get(("reward", batch), lambda: reward_peak(self.models, batch))
+
+    def training(self, samples: int, chunk: int) -> int:
+        return self.get(
+            ("train", samples, chunk),
+            lambda: training_chunk_peak(self.models, self.config, samples, chunk),
+        )
+
+
+def compose(config: Config, models: MetaModels, transients: Transients) -> Estimate:
+    """Phase peaks from resident bytes (by formula) and transients (counted). `models` must have
+    the levers of `config` that change the models (dtype, attention, checkpointing, slicing)."""
+    memory, sample, train = config.memory, config.sample, config.train
+    unet = module_bytes(models.unet)  # base weights + LoRA parameters
+    vae = module_bytes(models.vae)
+    text = module_bytes(models.text_encoder)
+    reward = module_bytes(models.reward)
+    adam = adam_state_bytes(models.lora_params, memory.use_8bit_adam)
+    grads = sum(_rounded(p.numel() * 4) for p in models.lora_params)
+
+    resident = {"unet_weights+lora": unet, "vae_weights": vae, "adam_state": adam}
+    if not memory.offload_text_encoder:
+        resident["text_encoder_weights"] = text
+    if not memory.offload_reward and reward:
+        resident["reward_weights"] = reward
+    base = sum(resident.values())
+
+    embed_shape = (models.text_encoder.config.max_position_embeddings,)
+    embed_shape += (models.text_encoder.config.hidden_size,)
+    latent = _latent_shape(models)
+    per_batch = trajectory_bytes(
+        sample.batch_size, sample.num_steps, latent, embed_shape, _embed_dtype(models)
+    )
+    epoch_traj = per_batch * sample.num_batches_per_epoch
+    earlier = per_batch * (sample.num_batches_per_epoch - 1)
+
+    # run start: the prompt encoder encodes the prompt list in batches of <= 64
+    visit = text if memory.offload_text_encoder else 0
+    encode_t = transients.encode(min(64, _num_prompts(config)))
+    encoding = PhaseEstimate(
+        base + visit + encode_t,
+        {**resident, "text_encoder_visit": visit, "transient (text encoder forward)": encode_t},
+    )
+
+    # sampling: each candidate is (what is held besides `resident`) + a transient
+    candidates = {
+        "denoising step": {
+            "trajectory (earlier batches + this one)": earlier + per_batch,
+            "transient": transients.sampling(sample.batch_size),
+        },
+        "VAE decode": {
+            "trajectory (earlier batches + this one)": earlier + per_batch,
+            # the VAE itself decodes one image at a time when slicing is on
+            "transient": transients.decode(sample.batch_size),
+        },
+        "trajectory stack": {"trajectory (earlier + this batch twice)": earlier + 2 * per_batch},
+        "Trajectory.cat": {"trajectory (parts + concatenated copy)": 2 * epoch_traj},
+    }
+    sampling = _phase(resident, candidates)
+
+    reward_visit = reward if memory.offload_reward else 0
+    reward_batch = min(sample.batch_size, 16)  # BatchedReward's default batch_size
+    reward_t = transients.reward(reward_batch)
+    reward_phase = PhaseEstimate(
+        base + epoch_traj + reward_visit + reward_t,
+        {
+            **resident,
+            "trajectory (epoch)": epoch_traj,
+            "reward_weights_visit": reward_visit,
+            "transient (reward forward)": reward_t,
+        },
+    )
+
+    micro, chunk, _ = train_shape(config)
+    step_samples = min(
+        train.gradient_accumulation * train.batch_size,
+        sample.batch_size * sample.num_batches_per_epoch,
+    )
+    gathered = trajectory_bytes(
+        step_samples, sample.num_steps, latent, embed_shape, _embed_dtype(models)
+    )
+    train_t = transients.training(micro, chunk)
+    training = PhaseEstimate(
+        base + epoch_traj + gathered + grads + train_t,
+        {
+            **resident,
+            "trajectory (epoch)": epoch_traj,
+            "optimizer step's gathered samples": gathered,
+            "lora_grads": grads,
+            f"transient (forward+backward, {micro} sample(s) x {chunk} timestep(s))": train_t,
+        },
+    )
+    phases = {
+        "sampling": sampling,
+        "reward": reward_phase,
+        "training": training,
+        "prompt encoding": encoding,
+    }
+    if config.reward.overlap and models.reward is not None:
+        # batch k is scored while batch k+1 is denoised and decoded; the trainer waits for every
+        # score before `Trajectory.cat`, so the reward never meets the end-of-epoch copy
+        during = {k: v for k, v in candidates.items() if k in ("denoising step", "VAE decode")}
+        busy = _phase(resident, during)
+        phases["sampling+reward overlap"] = PhaseEstimate(
+            busy.peak_bytes + reward_visit + reward_t,
+            {
+                **busy.parts,
+                "reward_weights_visit": reward_visit,
+                "transient (reward forward)": reward_t,
+            },
+        )
+    peak = max(p.peak_bytes for p in phases.values())
+    notes = [models.note] if models.note else []
+    return Estimate(phases, peak, config.model.name, models.resolution, notes=notes)
+
+
+def _num_prompts(config: Config) -> int:
+    """How many prompts the run encodes (64 when the prompt file cannot be read here)."""
+    if not config.prompts.file:
+        return len(config.prompts.prompts)
+    try:
+        with open(config.prompts.file) as f:
+            lines = [line.strip() for line in f]
+    except OSError:
+        return 64
+    return max(1, sum(1 for line in lines if line and not line.startswith("#")))
+
+
+def _phase(resident: dict[str, int], candidates: dict[str, dict[str, int]]) -> PhaseEstimate:
+    """The candidate moment with the most bytes held, as a PhaseEstimate naming it."""
+    moment, held = max(candidates.items(), key=lambda item: sum(item[1].values()))
+    parts = {**resident, **{f"{k} [{moment}]": v for k, v in held.items()}}
+    return PhaseEstimate(sum(resident.values()) + sum(held.values()), parts)
