@@ -194,31 +194,40 @@ def predict_noise(
 class Trajectory:
     """What a rollout records for the update; every tensor is detached.
 
-    latents:        (B, N, C, H, W) float32, x_t before each of the N steps
-    next_latents:   (B, N, C, H, W) float32, x_{t-1} after each step (the actions)
+    chain:          (B, N+1, C, H, W) float32, x_T, x_{T-1}, ..., x_0: the states of the N steps
+    latents:        view chain[:, :-1], x_t before each step
+    next_latents:   view chain[:, 1:], x_{t-1} after each step (the actions)
     timesteps:      (B, N) long, the timestep of each step
     log_probs:      (B, N) float32, log pi_old(x_{t-1} | x_t), mean-reduced over elements
     prompt_embeds:  (B, L, D) conditional text embeddings
     negative_embeds:(1, L, D) unconditional embeddings, or None without guidance
     prompt_ids:     (B,) long, index of each sample's prompt in the prompt list
+
+    Storing the chain once, not x_t and x_{t-1} separately, halves the epoch's largest tensor.
     """
 
-    latents: torch.Tensor
-    next_latents: torch.Tensor
+    chain: torch.Tensor
     timesteps: torch.Tensor
     log_probs: torch.Tensor
     prompt_embeds: torch.Tensor
     negative_embeds: torch.Tensor | None
     prompt_ids: torch.Tensor
 
+    @property
+    def latents(self) -> torch.Tensor:
+        return self.chain[:, :-1]
+
+    @property
+    def next_latents(self) -> torch.Tensor:
+        return self.chain[:, 1:]
+
     def __len__(self) -> int:
-        return self.latents.shape[0]
+        return self.chain.shape[0]
 
     def index(self, rows: torch.Tensor) -> Trajectory:
         """The samples at `rows` (a 1-D index tensor)."""
         return Trajectory(
-            latents=self.latents[rows],
-            next_latents=self.next_latents[rows],
+            chain=self.chain[rows],
             timesteps=self.timesteps[rows],
             log_probs=self.log_probs[rows],
             prompt_embeds=self.prompt_embeds[rows],
@@ -227,12 +236,12 @@ class Trajectory:
         )
 
     @staticmethod
-    def cat(parts: Sequence[Trajectory]) -> Trajectory:
-        """Concatenate trajectories along the sample axis."""
+    def cat(parts: Sequence[Trajectory], chain: torch.Tensor | None = None) -> Trajectory:
+        """Concatenate trajectories along the sample axis; `chain`, when given, already holds
+        the parts' chains (filled as they came, so that no second copy is ever made)."""
         first = parts[0]
         return Trajectory(
-            latents=torch.cat([p.latents for p in parts]),
-            next_latents=torch.cat([p.next_latents for p in parts]),
+            chain=chain if chain is not None else torch.cat([p.chain for p in parts]),
             timesteps=torch.cat([p.timesteps for p in parts]),
             log_probs=torch.cat([p.log_probs for p in parts]),
             prompt_embeds=torch.cat([p.prompt_embeds for p in parts]),
@@ -320,7 +329,7 @@ def rollout(
     latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
     latents = latents * scheduler.init_noise_sigma
 
-    all_latents, all_next, all_log_probs = [], [], []
+    states, all_log_probs = [latents], []
     for t in scheduler.timesteps:
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             noise_pred = predict_noise(
@@ -329,15 +338,13 @@ def rollout(
         next_latents, log_prob = ddim_step_with_logprob(
             scheduler, noise_pred, t, latents, eta=eta, generator=generator
         )
-        all_latents.append(latents)
-        all_next.append(next_latents)
+        states.append(next_latents)
         all_log_probs.append(log_prob)
         latents = next_latents
 
     images = decode_latents(pipe, latents)
     trajectory = Trajectory(
-        latents=torch.stack(all_latents, dim=1),
-        next_latents=torch.stack(all_next, dim=1),
+        chain=torch.stack(states, dim=1),
         timesteps=scheduler.timesteps.to(device).repeat(batch, 1),
         log_probs=torch.stack(all_log_probs, dim=1),
         prompt_embeds=prompt_embeds,

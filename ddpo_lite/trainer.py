@@ -575,7 +575,9 @@ def sample_epoch(
     the paper's implementation does); rewards are collected in submission order, so each lands
     with its own samples."""
     images, texts, parts, pending = [], [], [], []
-    for _ in range(config.sample.num_batches_per_epoch):
+    chain = None  # the epoch's chains, filled batch by batch: no end-of-epoch copy
+    num_batches, batch_size = config.sample.num_batches_per_epoch, config.sample.batch_size
+    for b in range(num_batches):
         ids = torch.randint(len(prompts), (config.sample.batch_size,), generator=generator)
         batch_texts = [prompts[i] for i in ids.tolist()]
         batch_images, trajectory = rollout(
@@ -595,6 +597,11 @@ def sample_epoch(
             pending.append(executor.submit(reward, batch_images, batch_texts, metadata))
         else:
             pending.append(reward(batch_images, batch_texts, metadata))
+        if chain is None:
+            shape = (num_batches * batch_size, *trajectory.chain.shape[1:])
+            chain = trajectory.chain.new_empty(shape)
+        chain[b * batch_size : (b + 1) * batch_size] = trajectory.chain
+        trajectory.chain = trajectory.chain[:0]  # release this batch's copy
         images += batch_images
         texts += batch_texts
         parts.append(trajectory)
@@ -603,7 +610,7 @@ def sample_epoch(
     scores = [item.result() if isinstance(item, Future) else item for item in pending]
     wait = time.perf_counter() - waited_from
     rewards = np.concatenate([values for values, _ in scores])
-    return EpochSamples(images, texts, Trajectory.cat(parts), rewards, wait)
+    return EpochSamples(images, texts, Trajectory.cat(parts, chain), rewards, wait)
 
 
 @dataclass
@@ -695,8 +702,7 @@ def sanitize(trajectory: Trajectory, valid: torch.Tensor) -> Trajectory:
         return trajectory
     keep = valid.view(-1, 1, 1, 1, 1)
     return Trajectory(
-        latents=torch.where(keep, trajectory.latents, 0.0),
-        next_latents=torch.where(keep, trajectory.next_latents, 0.0),
+        chain=torch.where(keep, trajectory.chain, 0.0),
         timesteps=trajectory.timesteps,
         log_probs=torch.where(valid[:, None], trajectory.log_probs, 0.0),
         prompt_embeds=trajectory.prompt_embeds,

@@ -91,7 +91,7 @@ def test_on_policy_ratio_is_one(tmp_path, overrides):
 
         # and the check can fail: latents stored in half precision break it
         lossy = first.index(torch.arange(2))
-        lossy.next_latents = lossy.next_latents.half().float()
+        lossy.chain = lossy.chain.half().float()
         new_lossy = score_log_probs(
             run.unet,
             run.scheduler,

@@ -25,6 +25,7 @@ import json
 import statistics
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -237,7 +238,7 @@ def _phase_memory(run: Run, counted: bool, held: list[torch.Tensor], out: dict):
 
 def _epoch(run: Run, counted: bool) -> dict[str, dict]:
     """One epoch, phase after phase; per phase seconds, samples and (if counted) peak bytes."""
-    from ddpo_lite.sampling import Trajectory, rollout
+    from ddpo_lite.trainer import sample_epoch
     from ddpo_lite.update import update
 
     config, device = run.config, run.device
@@ -246,36 +247,24 @@ def _epoch(run: Run, counted: bool) -> dict[str, dict]:
 
     _sync(device)
     start = time.perf_counter()
-    images, texts, parts = [], [], []
+    # the trainer's own sampling loop; the reward is scored in its own phase below
+    components = SimpleNamespace(
+        pipe=run.pipe, policy=run.pipe.unet, encoder=run.encoder, scheduler=run.scheduler
+    )
+
+    def no_reward(images, prompts, metadata):
+        return np.zeros(len(images)), {}
+
     with _phase_memory(run, counted, [], stats["sampling"]):
-        for _ in range(config.sample.num_batches_per_epoch):
-            ids = torch.randint(
-                len(run.prompts), (config.sample.batch_size,), generator=run.generator
-            )
-            batch_texts = [run.prompts[i] for i in ids.tolist()]
-            batch_images, trajectory = rollout(
-                run.pipe,
-                run.pipe.unet,
-                run.encoder,
-                batch_texts,
-                ids,
-                scheduler=run.scheduler,
-                guidance_scale=config.sample.guidance_scale,
-                eta=config.sample.eta,
-                generator=run.generator,
-                autocast=run.accelerator.autocast,
-            )
-            images += batch_images
-            texts += batch_texts
-            parts.append(trajectory)
-        trajectory = Trajectory.cat(parts)
-        del parts
+        samples = sample_epoch(
+            components, run.prompts, config, run.generator, run.accelerator, no_reward
+        )
+    images, texts, trajectory = samples.images, samples.prompts, samples.trajectory
     _sync(device)
     stats["sampling"]["seconds"] = time.perf_counter() - start
 
     held = [
-        trajectory.latents,
-        trajectory.next_latents,
+        trajectory.chain,
         trajectory.log_probs,
         trajectory.prompt_embeds,
     ]

@@ -9,9 +9,8 @@ accelerator in that phase (weights at their stored dtype, LoRA, optimizer state,
 epoch's stored trajectory) plus the largest transient of the phase, composed as the trainer runs:
 
 - prompt encoding (run start): the text encoder (visiting when offloaded) on the prompt list;
-- sampling: max of a denoising step of the last batch (the earlier batches' trajectories held),
-  its VAE decode, and `Trajectory.cat` at the end of the epoch (the per-batch parts and the
-  concatenated copy live at once: twice the epoch's trajectory);
+- sampling: max of a denoising step, its VAE decode and the stacking of a batch's states, with
+  the epoch's trajectory buffer held (allocated at the first batch, filled batch by batch);
 - reward: the reward model and its forward on one sampling batch, with the epoch's trajectory held;
 - training: one forward+backward chunk (micro-batch x timestep chunk, x2 for CFG), with LoRA
   gradients, optimizer state, the epoch's trajectory and the optimizer step's gathered samples held.
@@ -244,7 +243,7 @@ def trajectory_bytes(num_samples: int, num_steps: int, latent_shape, embed_shape
     elements = math.prod(latent_shape)
     embed_size = torch.empty((), dtype=embed_dtype).element_size()
     return (
-        _rounded(2 * num_samples * num_steps * elements * 4)  # latents, next_latents
+        _rounded(num_samples * (num_steps + 1) * elements * 4)  # the chain x_T .. x_0
         + _rounded(num_samples * num_steps * 8)  # timesteps (long)
         + _rounded(num_samples * num_steps * 4)  # log_probs
         + _rounded(num_samples * math.prod(embed_shape) * embed_size)  # prompt_embeds
@@ -384,8 +383,7 @@ def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk:
     n = config.sample.num_steps
     latent = _latent_shape(models)
     batch = Trajectory(
-        latents=torch.empty(samples, n, *latent, device="meta"),
-        next_latents=torch.empty(samples, n, *latent, device="meta"),
+        chain=torch.empty(samples, n + 1, *latent, device="meta"),
         timesteps=scheduler.timesteps.repeat(samples, 1).to("meta"),
         log_probs=torch.empty(samples, n, device="meta"),
         prompt_embeds=_embeds(models, samples),
@@ -506,7 +504,6 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
         sample.batch_size, sample.num_steps, latent, embed_shape, _embed_dtype(models)
     )
     epoch_traj = per_batch * sample.num_batches_per_epoch
-    earlier = per_batch * (sample.num_batches_per_epoch - 1)
 
     # run start: the prompt encoder encodes the prompt list in batches of <= 64
     visit = text if memory.offload_text_encoder else 0
@@ -518,17 +515,19 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
 
     # sampling: each candidate is (what is held besides `resident`) + a transient
     candidates = {
+        # the epoch's chain buffer is allocated at the first batch and filled batch by batch
         "denoising step": {
-            "trajectory (earlier batches + this one)": earlier + per_batch,
+            "trajectory (epoch buffer + this batch's steps)": epoch_traj + per_batch,
             "transient": transients.sampling(sample.batch_size),
         },
         "VAE decode": {
-            "trajectory (earlier batches + this one)": earlier + per_batch,
+            "trajectory (epoch buffer + this batch's steps)": epoch_traj + per_batch,
             # the VAE itself decodes one image at a time when slicing is on
             "transient": transients.decode(sample.batch_size),
         },
-        "trajectory stack": {"trajectory (earlier + this batch twice)": earlier + 2 * per_batch},
-        "Trajectory.cat": {"trajectory (parts + concatenated copy)": 2 * epoch_traj},
+        "trajectory stack": {
+            "trajectory (epoch buffer + this batch's steps, stacked)": epoch_traj + 2 * per_batch
+        },
     }
     sampling = _phase(resident, candidates)
 
@@ -571,8 +570,7 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
         "prompt encoding": encoding,
     }
     if config.reward.overlap and models.reward is not None:
-        # batch k is scored while batch k+1 is denoised and decoded; the trainer waits for every
-        # score before `Trajectory.cat`, so the reward never meets the end-of-epoch copy
+        # batch k is scored while batch k+1 is denoised and decoded
         during = {k: v for k, v in candidates.items() if k in ("denoising step", "VAE decode")}
         busy = _phase(resident, during)
         phases["sampling+reward overlap"] = PhaseEstimate(
