@@ -187,6 +187,17 @@ def test_load_pipeline_shapes(shapes_pipe):
     assert out.images[0].size == (32, 32)
 
 
+def test_cli_samples_the_shapes_model(tmp_path: Path):
+    from ddpo_lite.cli import main
+
+    prompt = "a green triangle on a white background"
+    argv = ["sample", "--model", "shapes", "--prompt", prompt, "--num", "2", "--steps", "4"]
+    assert main([*argv, "--output", str(tmp_path)]) == 0
+    pngs = sorted(tmp_path.rglob("*.png"))
+    assert len(pngs) >= 2
+    assert Image.open(pngs[0]).size[0] >= 32
+
+
 def test_lora_on_shapes_loads_in_plain_diffusers(shapes_pipe, tmp_path: Path):
     """A LoRA attached to the shapes UNet and saved as the trainer saves it loads with diffusers'
     `load_lora_weights`, every tensor, and changes the UNet's output."""
@@ -215,9 +226,14 @@ def test_lora_on_shapes_loads_in_plain_diffusers(shapes_pipe, tmp_path: Path):
     assert (after - before).abs().max() > 1e-4
 
 
-# Measured with scripts/train_shapes_model.py, 128 samples of `prompt_accuracy` (seed 0, 20 DDIM
-# steps, eta 1, CFG 5); see ddpo_lite/models/shapes_model/README.md for both training seeds.
-SHAPE_BAND = (0.35, 0.85)  # provisional, from seed 0 only
+# The band for shape, the attribute RL targets. Measured with this check (128 samples, seed 0) on
+# two models trained by scripts/train_shapes_model.py with its defaults:
+#   seed 0 (shipped): colour 0.84 (chance 0.18), shape 0.53 (chance 0.22), background 0.73 (0.18)
+#   seed 1:           colour 0.88 (chance 0.16), shape 0.48 (chance 0.30), background 0.66 (0.16)
+# Both lie in [0.35, 0.80]: far from perfect (RL has room), above chance. The ratio to chance is
+# asserted at 1.5x: seed 0 gives 2.4x; seed 1 gives 1.6x here (1.3x on its 64-sample check in
+# training), so a model retrained with another seed sits near that edge.
+SHAPE_BAND = (0.35, 0.80)
 
 
 def test_shapes_model_follows_prompts_above_chance_below_perfect(shapes_pipe):
