@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    """'tiny' (offline, random), a local diffusers folder or a hub id."""
+    """'tiny' (offline, random weights), 'shapes' (offline, pretrained on coloured shapes, shipped
+    in the package), a local diffusers folder or a hub id."""
     seed: int = 0
     """Seed of the offline tiny model's weights (only for name = 'tiny')."""
 
