@@ -13,7 +13,7 @@ from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import read_lora_metadata
 from ddpo_lite.sampling import rollout
 from ddpo_lite.trainer import build_components, make_accelerator, train
-from ddpo_lite.update import UpdateSettings, accumulate_step, score_log_probs
+from ddpo_lite.update import UpdateSettings, accumulate_step, score_log_probs, update
 
 HALF = [
     "memory.mixed_precision='bf16'",
@@ -268,3 +268,49 @@ def test_every_algorithm_updates_the_lora(tmp_path, algorithm, extra):
     assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
     lora_b = [v for k, v in result.pipeline.unet.state_dict().items() if "lora_B" in k]
     assert sum(float(v.abs().sum()) for v in lora_b) > 0
+
+
+@pytest.mark.parametrize("algorithm", ["ddpo-is", "ddpo-sf"])
+def test_an_update_raises_the_log_prob_of_good_samples_and_lowers_bad_ones(tmp_path, algorithm):
+    """The direction of learning: one optimizer step with advantages +1/-1 makes the policy's
+    log-probability of the +1 trajectories' steps go up and of the -1 ones go down. (At lr 1e-2
+    Adam's first sign-sized step is large enough that its second-order term lowers every
+    log-prob: the +1 samples then fall least, which this test would not accept.)"""
+    config = tiny_config(
+        tmp_path,
+        "sample.num_steps=4",
+        f"train.algorithm='{algorithm}'",
+        "train.learning_rate=1e-3",
+        "train.clip_range=10.0",
+        "train.batch_size=4",
+        "train.gradient_accumulation=1",
+    )
+    accelerator = make_accelerator(config)
+    run = build_components(config, accelerator)
+    _, traj = sample_batch(config, accelerator, run, n=4)
+    weights = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    cols = torch.arange(4).repeat(4, 1)
+
+    def log_probs():
+        with torch.no_grad():
+            return score_log_probs(
+                run.unet, run.scheduler, traj, cols, 5.0, 1.0, accelerator.autocast
+            ).sum(1)
+
+    before = log_probs()
+    update(
+        accelerator,
+        run.unet,
+        run.optimizer,
+        run.params,
+        run.scheduler,
+        traj,
+        weights,
+        torch.ones(4, dtype=torch.bool),
+        config,
+        torch.Generator().manual_seed(0),
+    )
+    change = log_probs() - before
+    accelerator.end_training()
+    assert torch.all(change[weights > 0] > 0), change
+    assert torch.all(change[weights < 0] < 0), change
