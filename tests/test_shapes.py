@@ -245,3 +245,22 @@ def test_shapes_model_follows_prompts_above_chance_below_perfect(shapes_pipe):
         assert acc[name] > 1.5 * acc[name + "_chance"], acc
     low, high = SHAPE_BAND
     assert low <= acc["shape"] <= high, acc
+
+
+def test_red_share_reward_counts_red_pixels_whatever_the_prompt():
+    from PIL import Image
+
+    from ddpo_lite.rewards.registry import get_reward
+
+    half = Image.new("RGB", (32, 32), (0, 0, 255))
+    half.paste((250, 10, 10), (0, 0, 32, 16))  # top half near-red
+    images = [
+        Image.new("RGB", (32, 32), (255, 0, 0)),
+        Image.new("RGB", (32, 32), (0, 0, 255)),
+        half,
+    ]
+    rewards, info = get_reward("shapes_red_share")(
+        images, ["a blue circle on a red background"] * 3, [{}] * 3
+    )
+    np.testing.assert_allclose(rewards, [1.0, 0.0, 0.5])
+    np.testing.assert_allclose(info["red_share"], rewards)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ddpo_lite.rewards.registry import register_reward
 from ddpo_lite.shapes.score import analyse
-from ddpo_lite.shapes.world import parse_caption
+from ddpo_lite.shapes.world import COLOURS, parse_caption
 
 
 def alignment_scores(
@@ -70,5 +70,30 @@ def shapes_alignment():
     def reward(images, prompts, metadata):
         scores = alignment_scores(images, prompts)
         return scores["colour"] + scores["shape"], scores
+
+    return reward
+
+
+def colour_share(images: Sequence[Image.Image], colour: str = "red", tolerance: float = 80.0):
+    """Per image, the share of pixels within `tolerance` (RGB distance) of a palette colour, (B,)."""
+    target = np.asarray(COLOURS[colour], dtype=np.float32)
+    shares = []
+    for image in images:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+        shares.append(float((np.linalg.norm(rgb - target, axis=-1) < tolerance).mean()))
+    return np.asarray(shares)
+
+
+@register_reward(
+    "shapes_red_share",
+    "shapes world: share of red pixels, whatever the prompt (hackable: a red field maximises it)",
+)
+def shapes_red_share():
+    """The deliberately hackable reward of docs/ALGORITHM.md's guard demonstration: it ignores the
+    prompt, so the policy can win by painting every image red, losing content and diversity."""
+
+    def reward(images, prompts, metadata):
+        shares = colour_share(images, "red")
+        return shares, {"red_share": shares}
 
     return reward
