@@ -8,7 +8,9 @@ global advantage baseline; everything else is the `tiny` preset's and the config
 run is evaluated on 2 images per caption from fixed evaluation noise, identical across runs and
 evaluations, so before/after differences are paired. Writes docs/compare_algorithms.png (evaluation
 and training reward vs samples, mean over seeds, band = std) and docs/compare_algorithms.md (mean ±
-std over seeds of the evaluation reward before and after, and the paired gain).
+std over seeds of the evaluation reward before and after, and the paired gain). A finished run's
+result.json in --output is reused, so adding an algorithm (e.g. the opt-in `ddpo-is-4steps`) only
+trains the new runs.
 
     OMP_NUM_THREADS=1 python scripts/compare_algorithms.py [--epochs 6] [--seeds 0 1 2]
 """
@@ -159,10 +161,11 @@ def plot(results: dict[str, Curves], reward: str, path: Path) -> None:
             band = [px(x, y) for x, y in zip(xs, m + s, strict=True)]
             band += [px(x, y) for x, y in reversed(list(zip(xs, m - s, strict=True)))]
             draw.polygon(band, fill=(*colour, 50))
-            draw.line([px(x, y) for x, y in zip(xs, m, strict=True)], fill=colour, width=2)
+            width = max(5 - 2 * k, 2)  # earlier lines wider: identical curves stay visible
+            draw.line([px(x, y) for x, y in zip(xs, m, strict=True)], fill=colour, width=width)
             for x, y in zip(xs, m, strict=True):
                 cx, cy = px(x, y)
-                draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+                draw.ellipse([cx - width, cy - width, cx + width, cy + width], fill=colour)
             ly = T + 8 + 14 * k
             draw.line([x0 + L + 10, ly + 6, x0 + L + 30, ly + 6], fill=colour, width=3)
             draw.text((x0 + L + 35, ly), algorithm, fill="black")
@@ -187,11 +190,13 @@ def main() -> None:
     captions.write_text("\n".join(all_captions()[::5]) + "\n")
     start = time.time()
     results: dict[str, Curves] = {}
+    seconds = 0.0
     for algorithm in args.algorithms:
         runs = []
         for seed in args.seeds:
             run = run_one(algorithm, seed, args.epochs, args.reward, captions, args.output)
             runs.append(run)
+            seconds += run["seconds"]
             print(
                 f"{algorithm} seed {seed}: eval {run['eval'][0]:.4f} -> {run['eval'][-1]:.4f}, "
                 f"train {run['train'][0]:.4f} -> {run['train'][-1]:.4f} ({run['seconds']:.0f} s)",
@@ -202,10 +207,13 @@ def main() -> None:
             json.dumps({a: {k: v.tolist() for k, v in c.items()} for a, c in results.items()})
         )
 
-    wall = time.time() - start
     md = table(results, args.reward, args.epochs)
-    md += f"\nTotal wall time {wall / 60:.1f} min ({len(args.seeds) * len(results)} runs, 1 thread).\n"
+    threads = torch.get_num_threads()
+    md += f"\n{len(args.seeds) * len(results)} runs, {seconds / 60:.1f} min in all on {threads} CPU thread(s).\n"
     print("\n" + md)
+    print(
+        f"this invocation: {(time.time() - start) / 60:.1f} min (finished runs in --output are reused)"
+    )
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "compare_algorithms.md").write_text(md)
     plot(results, args.reward, args.docs / "compare_algorithms.png")
