@@ -28,7 +28,7 @@ import torch
 
 EPS = 1e-6
 
-__all__ = ["EPS", "PerPromptStatTracker", "compute_advantages"]
+__all__ = ["EPS", "PerPromptStatTracker", "compute_advantages", "group_advantages"]
 
 
 def _check_finite(rewards: torch.Tensor) -> None:
@@ -158,3 +158,32 @@ def compute_advantages(
         adv = _normalise(flat, flat.mean(), flat.std(correction=0))
     adv = adv.clamp(-adv_clip_max, adv_clip_max)
     return adv.to(torch.float32).reshape(r.shape).to(r.device)
+
+
+def group_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, adv_clip_max: float
+) -> torch.Tensor:
+    """Leave-one-out group baselines: each reward minus the mean of the other rewards of its
+    group (`groups[i]` is reward i's group id), divided by the population std of these
+    differences over the batch, clipped to [-adv_clip_max, adv_clip_max].
+
+    The baseline never depends on the sample it is subtracted from, so the policy gradient stays
+    unbiased. A member alone in its group (its partners dropped) gets advantage 0.
+    """
+    flat = torch.as_tensor(rewards).detach().flatten().to("cpu", torch.float64)
+    _check_finite(flat)
+    ids = torch.as_tensor(groups).flatten().to("cpu", torch.long)
+    if len(ids) != len(flat):
+        raise ValueError(f"got {len(ids)} group ids for {len(flat)} rewards")
+    _, ids = torch.unique(ids, return_inverse=True)
+    sums = torch.zeros(int(ids.max()) + 1 if len(ids) else 0, dtype=torch.float64)
+    counts = torch.zeros_like(sums)
+    sums.index_add_(0, ids, flat)
+    counts.index_add_(0, ids, torch.ones_like(flat))
+    others = counts[ids] - 1
+    centred = torch.where(
+        others > 0, flat - (sums[ids] - flat) / others.clamp(min=1), torch.zeros_like(flat)
+    )
+    adv = centred / (centred.std(correction=0) + EPS) if len(flat) else centred
+    adv = adv.clamp(-adv_clip_max, adv_clip_max)
+    return adv.to(torch.float32).reshape(torch.as_tensor(rewards).shape)

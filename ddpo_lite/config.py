@@ -53,6 +53,11 @@ class SampleConfig:
     batch_size: int = 8
     """Images per sampling batch on each process."""
     num_batches_per_epoch: int = 4
+    group_size: int = 1
+    """Images per (prompt, starting noise) group. With > 1, each group's images share their
+    prompt and initial latent, and each image's baseline is the mean reward of the rest of its
+    group (in place of per-prompt statistics): the reward variance that comes from the prompt
+    and the starting noise leaves the gradient. Must divide batch_size."""
 
 
 @dataclass
@@ -70,6 +75,9 @@ class TrainConfig:
     num_inner_epochs: int = 1
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's timesteps trained on, drawn at random per sample."""
+    first_steps: int = 0
+    """Train only on the first this many denoising steps (the noisiest, where the layout is
+    decided); 0 = all. timestep_fraction then draws from these."""
     timestep_chunk: int = 0
     """Timesteps per forward+backward; 0 means all of a sample's trained timesteps at once."""
     clip_range: float = 1e-4
@@ -212,6 +220,11 @@ class Config:
             ("sample.eta", s.eta >= 0, "a number >= 0 (DDPO needs > 0; the paper uses 1.0)"),
             ("sample.guidance_scale", s.guidance_scale >= 0, "a number >= 0"),
             ("sample.batch_size", s.batch_size >= 1, "an integer >= 1"),
+            (
+                "sample.group_size",
+                s.group_size >= 1 and s.batch_size % s.group_size == 0,
+                f"an integer >= 1 dividing sample.batch_size ({s.batch_size})",
+            ),
             ("sample.num_batches_per_epoch", s.num_batches_per_epoch >= 1, "an integer >= 1"),
             ("train.algorithm", t.algorithm in ALGORITHMS, f"one of {', '.join(ALGORITHMS)}"),
             ("train.learning_rate", t.learning_rate > 0, "a number > 0"),
@@ -219,6 +232,7 @@ class Config:
             ("train.gradient_accumulation", t.gradient_accumulation >= 1, "an integer >= 1"),
             ("train.num_inner_epochs", t.num_inner_epochs >= 1, "an integer >= 1"),
             ("train.timestep_fraction", 0 < t.timestep_fraction <= 1, "a number in (0, 1]"),
+            ("train.first_steps", t.first_steps >= 0, "an integer >= 0 (0 = all steps)"),
             ("train.timestep_chunk", t.timestep_chunk >= 0, "an integer >= 0 (0 = all at once)"),
             ("train.micro_batch_size", t.micro_batch_size >= 0, "an integer >= 0 (0 = whole)"),
             ("train.clip_range", t.clip_range > 0, "a number > 0"),

@@ -310,13 +310,15 @@ def rollout(
     eta: float,
     generator: torch.Generator,
     autocast=None,
+    group_size: int = 1,
 ) -> tuple[list[Image.Image], Trajectory]:
     """Sample one batch of images for `prompts` and record its trajectory.
 
     `scheduler` is a DDIMScheduler with its timesteps set (the same one the update scores with);
     the VAE and image processor are the pipeline's; `unet` is the policy (the LoRA'd UNet). `autocast` is a context-manager factory, the same one
     the update runs under. Latents stay in float32 from start to end; what is stored is exactly
-    what was scored.
+    what was scored. With `group_size` > 1, consecutive groups of that many images share one
+    initial latent (their prompts are the caller's to repeat).
     """
     device = encoder.device
     batch = len(prompts)
@@ -325,8 +327,11 @@ def rollout(
         negative_embeds = None
 
     size = pipe.unet.config.sample_size  # latent side; the image side is size * vae_scale_factor
-    shape = (batch, pipe.unet.config.in_channels, size, size)
+    if batch % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the batch of {batch}")
+    shape = (batch // group_size, pipe.unet.config.in_channels, size, size)
     latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    latents = latents.repeat_interleave(group_size, dim=0)
     latents = latents * scheduler.init_noise_sigma
 
     states, all_log_probs = [latents], []

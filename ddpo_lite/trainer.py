@@ -36,7 +36,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages
+from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages, group_advantages
 from ddpo_lite.algorithms import rwr_weights
 from ddpo_lite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpo_lite.config import Config, ConfigError, to_dict, to_toml
@@ -578,7 +578,9 @@ def sample_epoch(
     chain = None  # the epoch's chains, filled batch by batch: no end-of-epoch copy
     num_batches, batch_size = config.sample.num_batches_per_epoch, config.sample.batch_size
     for b in range(num_batches):
-        ids = torch.randint(len(prompts), (config.sample.batch_size,), generator=generator)
+        group = config.sample.group_size
+        ids = torch.randint(len(prompts), (batch_size // group,), generator=generator)
+        ids = ids.repeat_interleave(group)
         batch_texts = [prompts[i] for i in ids.tolist()]
         batch_images, trajectory = rollout(
             run.pipe,
@@ -591,6 +593,7 @@ def sample_epoch(
             eta=config.sample.eta,
             generator=generator,
             autocast=accelerator.autocast,
+            group_size=group,
         )
         metadata = [{} for _ in batch_images]
         if executor is not None:
@@ -647,6 +650,9 @@ def score_epoch(
         advantages[finite] = rwr_weights(
             kept, train.rwr_weighting, train.rwr_temperature, train.rwr_sparse_quantile
         )
+    elif len(kept) and config.sample.group_size > 1:
+        groups = torch.arange(len(all_rewards)) // config.sample.group_size
+        advantages[finite] = group_advantages(kept, groups[finite], config.train.adv_clip_max)
     elif len(kept):
         kept_prompts = [prompts[i] for i in all_ids[finite].tolist()]
         advantages[finite] = compute_advantages(

@@ -179,12 +179,18 @@ def accumulate_step(
 
 
 def timestep_columns(
-    num_samples: int, num_steps: int, fraction: float, generator: torch.Generator
+    num_samples: int,
+    num_steps: int,
+    fraction: float,
+    generator: torch.Generator,
+    first_steps: int = 0,
 ) -> torch.Tensor:
-    """A random subset of int(num_steps * fraction) (at least 1) steps per sample, (N, k)."""
-    k = max(1, int(num_steps * fraction))
+    """A random subset of int(n * fraction) (at least 1) steps per sample, (N, k), drawn from
+    the first `first_steps` denoising steps (0 = from all n = num_steps)."""
+    window = min(first_steps, num_steps) if first_steps else num_steps
+    k = max(1, int(window * fraction))
     return torch.stack(
-        [torch.randperm(num_steps, generator=generator)[:k] for _ in range(num_samples)]
+        [torch.randperm(window, generator=generator)[:k] for _ in range(num_samples)]
     )
 
 
@@ -216,9 +222,9 @@ def update(
     unet.train()
     for _ in range(train.num_inner_epochs):
         order = torch.randperm(num_samples, generator=generator).to(device)
-        cols = timestep_columns(num_samples, num_steps, train.timestep_fraction, generator).to(
-            device
-        )
+        cols = timestep_columns(
+            num_samples, num_steps, train.timestep_fraction, generator, train.first_steps
+        ).to(device)
         row_groups = order.split(train.batch_size)
         per_step = len(row_groups) if train.algorithm == "ddpo-sf" else train.gradient_accumulation
         for start in range(0, len(row_groups), per_step):

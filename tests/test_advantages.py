@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages
+from ddpo_lite.advantages import EPS, PerPromptStatTracker, compute_advantages, group_advantages
 
 
 def _list(t: torch.Tensor) -> list[float]:
@@ -197,3 +198,20 @@ def test_shape_dtype_and_argument_checks() -> None:
         compute_advantages(torch.tensor([1.0, 2.0]), None, None, adv_clip_max=0.0)
     with pytest.raises(ValueError, match="buffer_size"):
         PerPromptStatTracker(buffer_size=0, min_count=1)
+
+
+def test_group_advantages_leave_one_out() -> None:
+    """Each reward minus the mean of the rest of its group, over the batch std of those."""
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 13.0, 7.0])
+    groups = torch.tensor([5, 5, 5, 2, 2, 2, 9])  # group 9 has one member: no baseline
+    centred = np.array([1 - 2.5, 2 - 2, 3 - 1.5, 10 - 11.5, 10 - 11.5, 13 - 10, 0.0])
+    expected = centred / (centred.std() + EPS)
+    got = group_advantages(rewards, groups, adv_clip_max=5.0)
+    assert got.dtype == torch.float32 and got.shape == rewards.shape
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+    # a group's offset (prompt difficulty, starting noise) leaves no trace
+    shifted = group_advantages(rewards + torch.tensor([0, 0, 0, 50, 50, 50, 0.0]), groups, 5.0)
+    torch.testing.assert_close(shifted, got)
+    assert group_advantages(rewards, groups, adv_clip_max=0.5).abs().max() <= 0.5
+    with pytest.raises(ValueError, match="group ids"):
+        group_advantages(rewards, groups[:3], 5.0)

@@ -36,6 +36,9 @@ def test_override_parsing():
     [
         ("train.timestep_fraction=0", "train.timestep_fraction"),
         ("train.timestep_fraction=1.5", "train.timestep_fraction"),
+        ("train.first_steps=-1", "train.first_steps"),
+        ("sample.group_size=3", "sample.group_size"),
+        ("sample.group_size=0", "sample.group_size"),
         ("sample.num_steps=0", "sample.num_steps"),
         ("sample.eta=-0.1", "sample.eta"),
         ("sample.guidance_scale=-1", "sample.guidance_scale"),

@@ -12,8 +12,14 @@ from ddpo_lite.algorithms import ddpo_is_loss
 from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import read_lora_metadata
 from ddpo_lite.sampling import rollout
-from ddpo_lite.trainer import build_components, make_accelerator, train
-from ddpo_lite.update import UpdateSettings, accumulate_step, score_log_probs, update
+from ddpo_lite.trainer import build_components, make_accelerator, sample_epoch, score_epoch, train
+from ddpo_lite.update import (
+    UpdateSettings,
+    accumulate_step,
+    score_log_probs,
+    timestep_columns,
+    update,
+)
 
 HALF = [
     "memory.mixed_precision='bf16'",
@@ -314,3 +320,42 @@ def test_an_update_raises_the_log_prob_of_good_samples_and_lowers_bad_ones(tmp_p
     accelerator.end_training()
     assert torch.all(change[weights > 0] > 0), change
     assert torch.all(change[weights < 0] < 0), change
+
+
+def test_groups_share_their_prompt_and_starting_noise(tmp_path):
+    """sample.group_size = 2: each pair of images starts from one latent with one prompt, then
+    the per-step noise sets them apart; the pairs' advantages are leave-one-out."""
+    config = tiny_config(tmp_path, "sample.num_steps=3", "sample.group_size=2")
+    accelerator = make_accelerator(config)
+    run = build_components(config, accelerator)
+    reward = lambda images, prompts, meta: (np.arange(len(images), dtype=float), {})  # noqa: E731
+    samples = sample_epoch(
+        run, config.prompts.prompts, config, torch.Generator().manual_seed(0), accelerator, reward
+    )
+    chain, ids = samples.trajectory.chain, samples.trajectory.prompt_ids
+    assert len(chain) == 16 and (ids[0::2] == ids[1::2]).all()
+    torch.testing.assert_close(chain[0::2, 0], chain[1::2, 0], rtol=0, atol=0)
+    assert not torch.equal(chain[0, 0], chain[2, 0])
+    assert not torch.equal(chain[0::2, -1], chain[1::2, -1])
+    scored = score_epoch(
+        samples.rewards, samples.trajectory, config.prompts.prompts, None, config, accelerator
+    )
+    # rewards 0..15 in pairs (2k, 2k+1): every centred advantage is -1 or +1, std 1
+    expected = torch.tensor([-1.0, 1.0]).repeat(8)
+    torch.testing.assert_close(scored.weights, expected, rtol=0, atol=1e-5)
+
+
+def test_timestep_columns_draw_from_the_first_steps():
+    """train.first_steps: the trained steps come from the first (noisiest) ones only; the
+    fraction applies within that window."""
+    g = torch.Generator().manual_seed(0)
+    window = timestep_columns(50, 10, 1.0, g, first_steps=4)
+    assert window.shape == (50, 4)
+    assert (window.sort(dim=1).values == torch.arange(4)).all()
+    half = timestep_columns(50, 10, 0.5, g, first_steps=4)
+    assert half.shape == (50, 2) and half.max() < 4 and (half[:, 0] != half[:, 1]).all()
+    everything = timestep_columns(50, 10, 1.0, g)
+    assert (everything.sort(dim=1).values == torch.arange(10)).all()
+    assert (
+        timestep_columns(5, 10, 1.0, g, first_steps=30).sort(1).values == torch.arange(10)
+    ).all()
