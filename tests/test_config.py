@@ -1,5 +1,7 @@
 """Config: presets, overrides, types, and validation before any model is loaded."""
 
+from pathlib import Path
+
 import pytest
 
 import ddpo_lite.trainer as trainer
@@ -93,3 +95,12 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "sample.num_steps" in err and "Traceback" not in err
+
+
+def test_shapes_alignment_preset_loads_with_its_files():
+    config = load_config("shapes-alignment").validate()
+    assert config.model.name == "shapes" and config.sample.group_size == 4
+    assert config.sample.batch_size % config.sample.group_size == 0
+    captions = Path(config.prompts.file).read_text().split("\n")
+    assert len([c for c in captions if c.strip()]) == 24
+    assert Path(config.eval.prompts["train"]).is_file()
