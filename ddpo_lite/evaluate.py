@@ -128,6 +128,28 @@ def save_eval_grid(results: dict[str, GroupResult], path: Path, per_group: int =
     make_grid(images, captions).save(path)
 
 
+def save_before_after_grid(
+    base: dict[str, GroupResult],
+    tuned: dict[str, GroupResult],
+    path: Path,
+    epoch: int,
+    per_group: int = 8,
+) -> None:
+    """Base and tuned images of the same prompts and noise, side by side (before | after), for up
+    to `per_group` prompts per group: the change a run made, at fixed seeds."""
+    images, captions = [], []
+    for name, group in tuned.items():
+        before = base[name]
+        for j, prompt in enumerate(group.prompts[:per_group]):
+            images += [before.images[j], group.images[j]]
+            captions += [
+                f"base: {prompt}\nreward {before.rewards[j][0]:.4g}",
+                f"epoch {epoch}: {prompt}\nreward {group.rewards[j][0]:.4g}",
+            ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, captions, columns=4).save(path)
+
+
 def compare(base: dict[str, GroupResult], tuned: dict[str, GroupResult]) -> list[dict]:
     """Per group: base and tuned means, their paired difference and its standard error (the
     same noise for both, so the differences pair up image by image)."""

@@ -41,7 +41,13 @@ from ddpo_lite.algorithms import rwr_weights
 from ddpo_lite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpo_lite.config import Config, ConfigError, to_dict, to_toml
 from ddpo_lite.drift import diversity, trajectory_kl
-from ddpo_lite.evaluate import eval_metrics, evaluate, load_groups, save_eval_grid
+from ddpo_lite.evaluate import (
+    eval_metrics,
+    evaluate,
+    load_groups,
+    save_before_after_grid,
+    save_eval_grid,
+)
 from ddpo_lite.grid import make_grid
 from ddpo_lite.guard import Guard
 from ddpo_lite.models import load_pipeline
@@ -321,6 +327,7 @@ class TrainingLoop:
         seed = config.seed * 1000 + accelerator.process_index
         self.generator = torch.Generator().manual_seed(seed)
         self.guard = Guard(config.guard)
+        self.baseline_results = None  # the base model's evaluation, for before_after.png
         self.pending_eval: dict[str, float] = {}
         self.metadata = lora_metadata(config)
         self.result = TrainResult(
@@ -474,14 +481,17 @@ class TrainingLoop:
                 autocast=self.accelerator.autocast,
             )
             row = eval_metrics(results)
-            save_eval_grid(
-                results, self.output_dir / "samples" / f"eval_epoch_{epochs_done:04d}.png"
-            )
+            samples = self.output_dir / "samples"
+            save_eval_grid(results, samples / f"eval_epoch_{epochs_done:04d}.png")
             if self.guard.observe_eval(row["eval_reward_mean"], epochs_done) and epochs_done:
                 meta = {**self.metadata, "epoch": epochs_done}
                 meta["eval_reward_mean"] = row["eval_reward_mean"]
                 save_lora(run.policy, self.output_dir / "best_lora", meta)
+            if self.baseline_results is not None:  # base | this epoch, same prompts and noise
+                path = samples / "before_after.png"
+                save_before_after_grid(self.baseline_results, results, path, epochs_done)
             if epochs_done == 0:
+                self.baseline_results = results
                 (self.output_dir / "eval_baseline.json").write_text(json.dumps(row) + "\n")
                 self.console.print(
                     f"baseline evaluation (base model): reward {row['eval_reward_mean']:.4g}"

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
+from PIL import Image
 
 from ddpo_lite.cli import main
-from ddpo_lite.evaluate import compare, evaluate
+from ddpo_lite.evaluate import compare, evaluate, read_prompt_file
+from ddpo_lite.grid import CAPTION, CELL
 from ddpo_lite.trainer import build_components, make_accelerator, train
 
 
@@ -81,6 +83,9 @@ def test_a_run_logs_evaluations_and_keeps_the_best_lora(tmp_path, heldout):
             assert key in row
     names = sorted(p.name for p in (out / "samples").glob("eval_epoch_*.png"))
     assert names == [f"eval_epoch_{i:04d}.png" for i in range(4)]  # 0 = the base model
+    with Image.open(out / "samples" / "before_after.png") as pairs:  # base | epoch 3, per prompt
+        prompts = sum(min(8, len(read_prompt_file(f))) for f in heldout.values())
+        assert pairs.size == (4 * CELL, -(-2 * prompts // 4) * (CELL + CAPTION))
     baseline = json.loads((out / "eval_baseline.json").read_text())["eval_reward_mean"]
     evals = [row["eval_reward_mean"] for row in result.metrics]
     if max(evals) > baseline:  # the best LoRA is the best evaluation's
