@@ -154,7 +154,7 @@ class RewardConfig:
 class EvalConfig:
     every: int = 0
     """Evaluate on the held-out prompts every this many epochs (0 = never); also once before
-    the first epoch, as the baseline."""
+    the first epoch, as the baseline, and after the last."""
     prompts: dict[str, str] = field(default_factory=dict)
     """Prompt groups: {group = "file.txt"}; a preset's relative paths are beside the preset."""
     num_per_prompt: int = 4

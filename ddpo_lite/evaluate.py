@@ -143,8 +143,8 @@ def save_before_after_grid(
         for j, prompt in enumerate(group.prompts[:per_group]):
             images += [before.images[j], group.images[j]]
             captions += [
-                f"base: {prompt}\nreward {before.rewards[j][0]:.4g}",
-                f"epoch {epoch}: {prompt}\nreward {group.rewards[j][0]:.4g}",
+                f"{prompt}\nbase: {before.rewards[j][0]:.4g}",
+                f"{prompt}\nepoch {epoch}: {group.rewards[j][0]:.4g}",
             ]
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(images, captions, columns=4).save(path)

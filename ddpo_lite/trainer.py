@@ -420,7 +420,8 @@ class TrainingLoop:
 
         # 5. evaluate, log
         evaluated = {}
-        if config.eval.every and (epoch + 1) % config.eval.every == 0:
+        last = epoch + 1 == config.num_epochs  # the final LoRA is always evaluated
+        if config.eval.every and ((epoch + 1) % config.eval.every == 0 or last):
             evaluated = self.evaluate(epoch + 1)
         row = {
             "epoch": epoch,

@@ -4,15 +4,18 @@ Method: every algorithm gets the same sample budget (64 samples an epoch: 4 batc
 steps; one optimizer step per epoch), the same 24 captions (every 5th of the shapes grammar), the
 same reward (default JPEG compressibility) and the same seeds (default 0 1 2), at lr 1e-3 with one
 global advantage baseline; everything else is the `tiny` preset's and the config defaults (RWR:
-`train.rwr_weighting`, `rwr_temperature` as shipped). Every epoch (and once before training) each
+`train.rwr_weighting`, `rwr_temperature` as shipped). That is `--settings plain`, the default;
+`--settings shapes-alignment` takes that preset's sampling and training settings instead (5 DDIM
+steps, groups of 4 sharing prompt and noise, the 3 noisiest steps trained). Every epoch (and once before training) each
 run is evaluated on 2 images per caption from fixed evaluation noise, identical across runs and
-evaluations, so before/after differences are paired. Writes docs/compare_algorithms.png (evaluation
-and training reward vs samples, mean over seeds, band = std) and docs/compare_algorithms.md (mean ±
+evaluations, so before/after differences are paired. Writes docs/NAME.png (evaluation
+and training reward vs samples, mean over seeds, band = std) and docs/NAME.md (mean ±
 std over seeds of the evaluation reward before and after, and the paired gain). A finished run's
 result.json in --output is reused, so adding an algorithm (e.g. the opt-in `ddpo-is-4steps`) only
 trains the new runs.
 
     OMP_NUM_THREADS=1 python scripts/compare_algorithms.py [--epochs 6] [--seeds 0 1 2]
+        [--settings plain|shapes-alignment] [--name compare_algorithms]
 """
 
 from __future__ import annotations
@@ -48,32 +51,48 @@ VARIANTS = {"ddpo-is-4steps": ("ddpo-is", ["train.gradient_accumulation=1"])}
 Curves = dict[str, np.ndarray]  # "eval": (seeds, epochs + 1), "train": (seeds, epochs)
 
 
-def run_one(algorithm: str, seed: int, epochs: int, reward: str, captions: Path, out: Path) -> dict:
+# --settings: "plain" is the first comparison's (10 DDIM steps, every step trained, one global
+# baseline, the tiny preset's defaults otherwise); "shapes-alignment" is that preset's (5 steps,
+# groups of 4 sharing prompt and noise, the 3 noisiest steps trained: docs/ALGORITHM.md).
+PLAIN = [
+    "sample.num_steps=10",
+    "sample.batch_size=16",
+    "sample.num_batches_per_epoch=4",
+    "train.batch_size=16",
+    "train.gradient_accumulation=4",
+    "train.learning_rate=1e-3",
+    "advantages.per_prompt_stat_tracking=false",
+]
+SETTINGS = {
+    "plain": ("tiny", ['model.name="shapes"', *PLAIN]),
+    "shapes-alignment": ("shapes-alignment", []),
+}
+
+
+def run_one(
+    algorithm: str, seed: int, epochs: int, reward: str, captions: Path, out: Path, settings: str
+) -> dict:
     """Train one run (or reuse its finished result.json): its evaluation curve (baseline first),
     training reward curve and seconds."""
     run_dir = out / f"{algorithm}_seed{seed}"
     done = run_dir / "result.json"
     key = {"algorithm": algorithm, "seed": seed, "epochs": epochs, "reward": reward}
+    if settings != "plain":
+        key["settings"] = settings
     if done.is_file() and (cached := json.loads(done.read_text()))["key"] == key:
         return cached
     base, extra = VARIANTS.get(algorithm, (algorithm, []))
+    preset, preset_overrides = SETTINGS[settings]
     start = time.time()
     cfg = load_config(
-        "tiny",
+        preset,
         [
-            'model.name="shapes"',
+            *preset_overrides,
             f'reward.name="{reward}"',
             f'train.algorithm="{base}"',
             f"num_epochs={epochs}",
             f"seed={seed}",
             f'output_dir="{run_dir}"',
-            "sample.num_steps=10",
-            "sample.batch_size=16",
-            "sample.num_batches_per_epoch=4",
-            "train.batch_size=16",
-            "train.gradient_accumulation=4",
-            "train.learning_rate=1e-3",
-            "advantages.per_prompt_stat_tracking=false",
             "log_with=[]",
             "keep_checkpoints=1",
             f'prompts.file="{captions}"',
@@ -182,6 +201,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("/tmp/compare_algorithms"))
     parser.add_argument("--reward", default="jpeg_compressibility")
     parser.add_argument("--docs", type=Path, default=DOCS, help="where the .png and .md go")
+    parser.add_argument("--settings", choices=list(SETTINGS), default="plain")
+    parser.add_argument("--name", default="compare_algorithms", help="stem of the .png and .md")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
@@ -194,7 +215,9 @@ def main() -> None:
     for algorithm in args.algorithms:
         runs = []
         for seed in args.seeds:
-            run = run_one(algorithm, seed, args.epochs, args.reward, captions, args.output)
+            run = run_one(
+                algorithm, seed, args.epochs, args.reward, captions, args.output, args.settings
+            )
             runs.append(run)
             seconds += run["seconds"]
             print(
@@ -207,7 +230,7 @@ def main() -> None:
             json.dumps({a: {k: v.tolist() for k, v in c.items()} for a, c in results.items()})
         )
 
-    md = table(results, args.reward, args.epochs)
+    md = f"Settings: `{args.settings}`. " + table(results, args.reward, args.epochs)
     threads = torch.get_num_threads()
     md += f"\n{len(args.seeds) * len(results)} runs, {seconds / 60:.1f} min in all on {threads} CPU thread(s).\n"
     print("\n" + md)
@@ -215,9 +238,9 @@ def main() -> None:
         f"this invocation: {(time.time() - start) / 60:.1f} min (finished runs in --output are reused)"
     )
     args.docs.mkdir(parents=True, exist_ok=True)
-    (args.docs / "compare_algorithms.md").write_text(md)
-    plot(results, args.reward, args.docs / "compare_algorithms.png")
-    print(f"wrote {args.docs / 'compare_algorithms.md'} and {args.docs / 'compare_algorithms.png'}")
+    (args.docs / f"{args.name}.md").write_text(md)
+    plot(results, args.reward, args.docs / f"{args.name}.png")
+    print(f"wrote {args.docs / args.name}.md and .png")
 
 
 if __name__ == "__main__":

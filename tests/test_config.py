@@ -1,11 +1,11 @@
 """Config: presets, overrides, types, and validation before any model is loaded."""
 
-from pathlib import Path
-
 import pytest
 
 import ddpo_lite.trainer as trainer
 from ddpo_lite.config import ConfigError, list_presets, load_config, parse_override, to_toml
+from ddpo_lite.evaluate import read_prompt_file
+from ddpo_lite.shapes import all_captions
 
 
 def test_tiny_preset_and_overrides():
@@ -101,6 +101,8 @@ def test_shapes_alignment_preset_loads_with_its_files():
     config = load_config("shapes-alignment").validate()
     assert config.model.name == "shapes" and config.sample.group_size == 4
     assert config.sample.batch_size % config.sample.group_size == 0
-    captions = Path(config.prompts.file).read_text().split("\n")
-    assert len([c for c in captions if c.strip()]) == 24
-    assert Path(config.eval.prompts["train"]).is_file()
+    train = read_prompt_file(config.prompts.file)
+    heldout = read_prompt_file(config.eval.prompts["heldout"])
+    assert read_prompt_file(config.eval.prompts["train"]) == train
+    assert len(train) == len(heldout) == 24 and not set(train) & set(heldout)
+    assert set(train) | set(heldout) <= set(all_captions())  # captions the model was trained on

@@ -96,6 +96,25 @@ def test_a_run_logs_evaluations_and_keeps_the_best_lora(tmp_path, heldout):
         assert not (out / "best_lora").exists()
 
 
+def test_the_final_lora_is_evaluated_whatever_eval_every(tmp_path, heldout):
+    groups = "{" + ", ".join(f'{k} = "{v}"' for k, v in heldout.items()) + "}"
+    config = tiny_config(
+        tmp_path,
+        "num_epochs=3",
+        "sample.num_steps=2",
+        "sample.num_batches_per_epoch=1",
+        "log_with=[]",
+        "eval.every=2",
+        "eval.num_per_prompt=1",
+        f"eval.prompts={groups}",
+    )
+    result = train(config, reward_fn=_brightness, show_progress=False)
+    evaluated = [row["epoch"] + 1 for row in result.metrics if "eval_reward_mean" in row]
+    assert evaluated == [2, 3]
+    names = sorted(p.name for p in (result.output_dir / "samples").glob("eval_epoch_*.png"))
+    assert names == ["eval_epoch_0000.png", "eval_epoch_0002.png", "eval_epoch_0003.png"]
+
+
 def test_eval_command_compares_base_and_tuned(tmp_path, heldout, capsys):
     out = tmp_path / "run"
     argv = ["train", "--preset", "tiny", "--output", str(out), "--quiet"]

@@ -1,11 +1,13 @@
-"""The guard against over-optimisation on the shapes world (issue 7 item 4).
+"""It learns, and the guard stops it when it learns the wrong thing, on the shipped shapes model.
 
-On the shipped shapes model (`load_pipeline("shapes")`): a deliberately hackable reward pushed
-hard runs away from the base model and the guard stops it; a healthy run with the same guard
-goes to the end. Why no "the reward rises" test here: docs/ALGORITHM.md, "What it takes to learn".
+Rises are judged by the run's own evaluations: the base model at epoch 0 and the LoRA at the end,
+on the same prompts and the same noise (paired), so the only noise left is the training run's own.
+Why the shapes model and not the random tiny one: docs/ALGORITHM.md, "What it takes to learn".
 """
 
 from __future__ import annotations
+
+import json
 
 from ddpo_lite.config import load_config
 from ddpo_lite.shapes import all_captions
@@ -77,3 +79,36 @@ def test_guard_stops_a_runaway_hackable_run_and_spares_a_healthy_one(tmp_path):
     )
     assert healthy.stop_reason is None and len(healthy.metrics) == 3
     assert max(row["kl_to_base"] for row in healthy.metrics) < 0.1
+
+
+def preset_run(tmp_path, name: str, *overrides: str) -> tuple[dict, dict]:
+    """The shapes-alignment preset, shortened by `overrides`: (baseline, final) evaluations."""
+    config = load_config(
+        "shapes-alignment",
+        [f'output_dir="{tmp_path / name}"', "log_with=[]", "keep_checkpoints=1", *overrides],
+    )
+    result = train(config, show_progress=False)
+    baseline = json.loads((result.output_dir / "eval_baseline.json").read_text())
+    return baseline, result.metrics[-1]
+
+
+def test_it_learns_jpeg_compressibility_and_the_opposite(tmp_path):
+    """Issue 2 item 8, on the shapes model (the random tiny model's JPEG size has no signal the
+    LoRA can move: docs/ALGORITHM.md). Reward, the paper's: -(size in kB) of the 32x32 image saved
+    as RGB JPEG by PIL at quality 95 (bytes / 1000, `ddpo_lite/rewards/jpeg.py`);
+    jpeg_incompressibility is +size. The shapes-alignment preset's settings (5 DDIM steps, groups
+    of 4, the 3 noisiest steps trained, AdamW 1e-3), 6 epochs x 64 samples, seed 0. Evaluation:
+    the 24 training captions x 4 images, base vs LoRA on the same noise.
+
+    Measured (session 5), the rise on that evaluation for training seeds 0 / 1 / 2:
+    compressibility +0.0080 / +0.0163 / +0.0029 kB, incompressibility +0.0069 / +0.0153 / +0.0103.
+    Noise: the paired standard error of the evaluation is 0.0011-0.0013 kB at 8 images per caption
+    (so ~0.0017 at the test's 4); every run moved its way, the run-to-run spread is in the size of
+    the move. Threshold 0.004 kB (about 2.3 standard errors; seed 2's compressibility would miss
+    it). 24 epochs change the size by -0.040 and +0.053 kB (standard error 0.003). ~75 s a run.
+    """
+    short = ["num_epochs=6", "eval.every=6", "eval.num_per_prompt=4"]
+    for reward in ("jpeg_compressibility", "jpeg_incompressibility"):
+        before, after = preset_run(tmp_path, reward, f'reward.name="{reward}"', *short)
+        rise = after["eval_train_reward_mean"] - before["eval_train_reward_mean"]
+        assert rise > 0.004, (reward, before, after)
