@@ -40,7 +40,7 @@ from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages, group
 from ddpo_lite.algorithms import rwr_weights
 from ddpo_lite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpo_lite.config import Config, ConfigError, to_dict, to_toml
-from ddpo_lite.drift import diversity, trajectory_kl
+from ddpo_lite.drift import adapters_disabled, diversity, trajectory_kl
 from ddpo_lite.evaluate import (
     eval_metrics,
     evaluate,
@@ -468,7 +468,8 @@ class TrainingLoop:
         row: dict[str, float] = {}
         if self.is_main:
             config, run = self.config, self.run
-            results = evaluate(
+            evaluate_policy = functools.partial(
+                evaluate,
                 run.pipe,
                 run.policy,
                 run.encoder,
@@ -481,6 +482,10 @@ class TrainingLoop:
                 eta=config.sample.eta,
                 autocast=self.accelerator.autocast,
             )
+            if self.baseline_results is None and epochs_done:  # resumed: the base, LoRA off
+                with adapters_disabled(run.policy):
+                    self.baseline_results = evaluate_policy()
+            results = evaluate_policy()
             row = eval_metrics(results)
             samples = self.output_dir / "samples"
             save_eval_grid(results, samples / f"eval_epoch_{epochs_done:04d}.png")

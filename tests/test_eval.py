@@ -115,6 +115,33 @@ def test_the_final_lora_is_evaluated_whatever_eval_every(tmp_path, heldout):
     assert names == ["eval_epoch_0000.png", "eval_epoch_0002.png", "eval_epoch_0003.png"]
 
 
+def test_a_resumed_run_sets_its_lora_beside_the_same_base_images(tmp_path, heldout):
+    groups = "{" + ", ".join(f'{k} = "{v}"' for k, v in heldout.items()) + "}"
+    common = ["sample.num_steps=2", "sample.num_batches_per_epoch=1", "log_with=[]"]
+    common += ["eval.every=1", "eval.num_per_prompt=1", f"eval.prompts={groups}"]
+    first = tiny_config(tmp_path, "num_epochs=1", "train.learning_rate=0.05", *common)
+    train(first, reward_fn=_brightness, show_progress=False)
+    samples = tmp_path / "run" / "samples"
+    (samples / "before_after.png").unlink()
+    rest = tiny_config(tmp_path, "num_epochs=2", "train.learning_rate=0.05", *common)
+    train(rest, resume=True, reward_fn=_brightness, show_progress=False)
+
+    def cell(path, column):  # an image of the grid's first row, without its caption
+        with Image.open(path) as grid:
+            return np.asarray(grid.crop((column * CELL, 0, (column + 1) * CELL, CELL)))
+
+    # the base recomputed with the LoRA off is the one evaluated before training, pixel for pixel
+    assert np.array_equal(
+        cell(samples / "before_after.png", 0), cell(samples / "eval_epoch_0000.png", 0)
+    )
+    assert np.array_equal(
+        cell(samples / "before_after.png", 1), cell(samples / "eval_epoch_0002.png", 0)
+    )
+    assert not np.array_equal(
+        cell(samples / "before_after.png", 0), cell(samples / "before_after.png", 1)
+    )
+
+
 def test_eval_command_compares_base_and_tuned(tmp_path, heldout, capsys):
     out = tmp_path / "run"
     argv = ["train", "--preset", "tiny", "--output", str(out), "--quiet"]
