@@ -64,17 +64,21 @@ def test_two_evaluations_of_the_same_weights_are_identical(tmp_path, heldout):
     assert all(row["difference"] == 0 for row in rows)
 
 
-def test_a_run_logs_evaluations_and_keeps_the_best_lora(tmp_path, heldout):
+def eval_run_config(tmp_path, heldout, *overrides: str):
+    """A short tiny run (one sample batch an epoch, no tracker) that evaluates the held-out groups."""
     groups = "{" + ", ".join(f'{k} = "{v}"' for k, v in heldout.items()) + "}"
-    config = tiny_config(
+    common = ["sample.num_batches_per_epoch=1", "log_with=[]", f"eval.prompts={groups}"]
+    return tiny_config(tmp_path, *common, *overrides)
+
+
+def test_a_run_logs_evaluations_and_keeps_the_best_lora(tmp_path, heldout):
+    config = eval_run_config(
         tmp_path,
+        heldout,
         "num_epochs=3",
         "sample.num_steps=3",
-        "sample.num_batches_per_epoch=1",
-        "log_with=[]",
         "eval.every=1",
         "eval.num_per_prompt=2",
-        f"eval.prompts={groups}",
     )
     result = train(config, reward_fn=_brightness, show_progress=False)
     out = result.output_dir
@@ -97,16 +101,13 @@ def test_a_run_logs_evaluations_and_keeps_the_best_lora(tmp_path, heldout):
 
 
 def test_the_final_lora_is_evaluated_whatever_eval_every(tmp_path, heldout):
-    groups = "{" + ", ".join(f'{k} = "{v}"' for k, v in heldout.items()) + "}"
-    config = tiny_config(
+    config = eval_run_config(
         tmp_path,
+        heldout,
         "num_epochs=3",
         "sample.num_steps=2",
-        "sample.num_batches_per_epoch=1",
-        "log_with=[]",
         "eval.every=2",
         "eval.num_per_prompt=1",
-        f"eval.prompts={groups}",
     )
     result = train(config, reward_fn=_brightness, show_progress=False)
     evaluated = [row["epoch"] + 1 for row in result.metrics if "eval_reward_mean" in row]
@@ -116,14 +117,13 @@ def test_the_final_lora_is_evaluated_whatever_eval_every(tmp_path, heldout):
 
 
 def test_a_resumed_run_sets_its_lora_beside_the_same_base_images(tmp_path, heldout):
-    groups = "{" + ", ".join(f'{k} = "{v}"' for k, v in heldout.items()) + "}"
-    common = ["sample.num_steps=2", "sample.num_batches_per_epoch=1", "log_with=[]"]
-    common += ["eval.every=1", "eval.num_per_prompt=1", f"eval.prompts={groups}"]
-    first = tiny_config(tmp_path, "num_epochs=1", "train.learning_rate=0.05", *common)
+    common = ["sample.num_steps=2", "eval.every=1", "eval.num_per_prompt=1"]
+    common += ["train.learning_rate=0.05"]
+    first = eval_run_config(tmp_path, heldout, "num_epochs=1", *common)
     train(first, reward_fn=_brightness, show_progress=False)
     samples = tmp_path / "run" / "samples"
     (samples / "before_after.png").unlink()
-    rest = tiny_config(tmp_path, "num_epochs=2", "train.learning_rate=0.05", *common)
+    rest = eval_run_config(tmp_path, heldout, "num_epochs=2", *common)
     train(rest, resume=True, reward_fn=_brightness, show_progress=False)
 
     def cell(path, column):  # an image of the grid's first row, without its caption
