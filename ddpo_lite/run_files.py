@@ -60,7 +60,8 @@ def prepare_output(output_dir: Path, resume: bool, overwrite: bool) -> Path | No
 
 
 def epoch_summary(epoch: int, num_epochs: int, row: dict) -> str:
-    """One plain line per epoch: reward, KL, clip fraction, time, memory."""
+    """One plain line per epoch: reward, KL, clip fraction, evaluation (and its change from the
+    base model), time, memory."""
     parts = [
         f"epoch {epoch + 1}/{num_epochs}",
         f"reward {row['reward_mean']:.4g} ± {row['reward_std']:.3g}",
@@ -75,6 +76,10 @@ def epoch_summary(epoch: int, num_epochs: int, row: dict) -> str:
         parts.append(f"diversity {row['diversity']:.3g}")
     if "eval_reward_mean" in row:
         parts.append(f"eval {row['eval_reward_mean']:.4g}")
+    for key in row:  # paired with the base model's evaluation: change ± its standard error
+        if key.startswith("eval_") and key.endswith("_gain"):
+            group = key[len("eval_") : -len("_gain")]
+            parts.append(f"{group} {row[key]:+.3g} ± {row[key + '_se']:.2g}")
     parts += [
         f"{row['epoch_seconds']:.1f} s/epoch",
         f"{row['samples_per_second']:.2f} samples/s",

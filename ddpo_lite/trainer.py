@@ -42,6 +42,7 @@ from ddpo_lite.checkpoint import latest_checkpoint, load_checkpoint, save_checkp
 from ddpo_lite.config import Config, ConfigError, to_dict, to_toml
 from ddpo_lite.drift import adapters_disabled, diversity, trajectory_kl
 from ddpo_lite.evaluate import (
+    compare,
     eval_metrics,
     evaluate,
     load_groups,
@@ -487,6 +488,10 @@ class TrainingLoop:
                     self.baseline_results = evaluate_policy()
             results = evaluate_policy()
             row = eval_metrics(results)
+            if self.baseline_results is not None:  # paired with the base: the same noise
+                for pair in compare(self.baseline_results, results):
+                    row[f"eval_{pair['group']}_gain"] = pair["difference"]
+                    row[f"eval_{pair['group']}_gain_se"] = pair["standard_error"]
             samples = self.output_dir / "samples"
             save_eval_grid(results, samples / f"eval_epoch_{epochs_done:04d}.png")
             if self.guard.observe_eval(row["eval_reward_mean"], epochs_done) and epochs_done:

@@ -53,7 +53,8 @@ Curves = dict[str, np.ndarray]  # "eval": (seeds, epochs + 1), "train": (seeds, 
 
 # --settings: "plain" is the first comparison's (10 DDIM steps, every step trained, one global
 # baseline, the tiny preset's defaults otherwise); "shapes-alignment" is that preset's (5 steps,
-# groups of 4 sharing prompt and noise, the 3 noisiest steps trained: docs/ALGORITHM.md).
+# groups of 4 sharing prompt and noise, the 3 noisiest steps trained: docs/ALGORITHM.md), with CFG 5
+# as it was when the published comparison ran (the preset has sampled without CFG since session 6).
 PLAIN = [
     "sample.num_steps=10",
     "sample.batch_size=16",
@@ -65,7 +66,7 @@ PLAIN = [
 ]
 SETTINGS = {
     "plain": ("tiny", ['model.name="shapes"', *PLAIN]),
-    "shapes-alignment": ("shapes-alignment", []),
+    "shapes-alignment": ("shapes-alignment", ["sample.guidance_scale=5.0"]),
 }
 
 

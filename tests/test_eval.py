@@ -13,6 +13,7 @@ from PIL import Image
 from ddpo_lite.cli import main
 from ddpo_lite.evaluate import compare, evaluate, read_prompt_file
 from ddpo_lite.grid import CAPTION, CELL
+from ddpo_lite.run_files import epoch_summary
 from ddpo_lite.trainer import build_components, make_accelerator, train
 
 
@@ -90,7 +91,13 @@ def test_a_run_logs_evaluations_and_keeps_the_best_lora(tmp_path, heldout):
     with Image.open(out / "samples" / "before_after.png") as pairs:  # base | epoch 3, per prompt
         prompts = sum(min(8, len(read_prompt_file(f))) for f in heldout.values())
         assert pairs.size == (4 * CELL, -(-2 * prompts // 4) * (CELL + CAPTION))
-    baseline = json.loads((out / "eval_baseline.json").read_text())["eval_reward_mean"]
+    base_row = json.loads((out / "eval_baseline.json").read_text())
+    for row in result.metrics:  # each evaluation paired with the base's: the same noise
+        for group in heldout:
+            change = row[f"eval_{group}_reward_mean"] - base_row[f"eval_{group}_reward_mean"]
+            assert row[f"eval_{group}_gain"] == pytest.approx(change, abs=1e-9)
+            assert row[f"eval_{group}_gain_se"] > 0
+    baseline = base_row["eval_reward_mean"]
     evals = [row["eval_reward_mean"] for row in result.metrics]
     if max(evals) > baseline:  # the best LoRA is the best evaluation's
         best = int(np.argmax(evals)) + 1
@@ -98,6 +105,15 @@ def test_a_run_logs_evaluations_and_keeps_the_best_lora(tmp_path, heldout):
         assert meta["epoch"] == best and meta["eval_reward_mean"] == pytest.approx(max(evals))
     else:
         assert not (out / "best_lora").exists()
+
+
+def test_the_epoch_line_shows_each_groups_change_from_the_base():
+    row = dict(reward_mean=1.0, reward_std=0.5, epoch_seconds=3.0, samples_per_second=20.0)
+    row |= dict(peak_memory_bytes=2**30, eval_reward_mean=0.9, eval_train_reward_mean=0.95)
+    row |= dict(eval_train_gain=0.1647, eval_train_gain_se=0.0281)
+    row |= dict(eval_heldout_gain=-0.012, eval_heldout_gain_se=0.019)
+    line = epoch_summary(23, 24, row)
+    assert "eval 0.9  train +0.165 ± 0.028  heldout -0.012 ± 0.019" in line
 
 
 def test_the_final_lora_is_evaluated_whatever_eval_every(tmp_path, heldout):

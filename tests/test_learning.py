@@ -108,7 +108,28 @@ def test_it_learns_jpeg_compressibility_and_the_opposite(tmp_path):
     it). 24 epochs change the size by -0.040 and +0.053 kB (standard error 0.003). ~75 s a run.
     """
     short = ["num_epochs=6", "eval.every=6", "eval.num_per_prompt=4"]
+    short += ["sample.guidance_scale=5.0"]  # as measured (the preset has sampled without CFG since)
     for reward in ("jpeg_compressibility", "jpeg_incompressibility"):
         before, after = preset_run(tmp_path, reward, f'reward.name="{reward}"', *short)
         rise = after["eval_train_reward_mean"] - before["eval_train_reward_mean"]
         assert rise > 0.004, (reward, before, after)
+
+
+def test_the_shapes_alignment_preset_makes_the_model_follow_its_prompts(tmp_path):
+    """Issue 5 item 5: the shapes-alignment preset, shortened to 18 of its 24 epochs (seed 0),
+    raises alignment (colour + shape probability read from pixels, 0-2) beyond the noise of its
+    own evaluation: 24 training captions x 8 images, and 24 held-out captions x 8, base and LoRA
+    on the same noise; the run logs the paired change and its standard error (`eval_*_gain`,
+    `eval_*_gain_se`).
+
+    Measured (session 6), the change over training seeds 0 / 1 / 2 on the training captions:
+    +0.046 / +0.136 / +0.155 after 12 epochs (standard errors 0.020 / 0.024 / 0.029), +0.109 /
+    +0.174 / +0.230 after 18, +0.165 / +0.234 / +0.280 after 24; held-out captions +0.071 / +0.182 /
+    +0.194 after 18 (docs/ALGORITHM.md). Seed 0, the slowest, is the one tested: it measured
+    +0.109 ± 0.025 and +0.071 ± 0.019 here. Without CFG the base model follows its prompts less
+    well (0.78 against 1.26 with CFG 5), so RL has something to fix (colour, mostly), and an
+    epoch costs half as much. ~115 s.
+    """
+    before, after = preset_run(tmp_path, "alignment", "num_epochs=18", "eval.every=18")
+    assert after["eval_train_gain"] > 3 * after["eval_train_gain_se"], (before, after)
+    assert after["eval_heldout_gain"] > 2 * after["eval_heldout_gain_se"], (before, after)
