@@ -17,6 +17,7 @@ Nothing is unpickled when loading.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -73,26 +74,82 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state dict into tensors (for safetensors) and the rest (for JSON)."""
+    """Split an optimizer state dict into tensors (for safetensors) and a JSON tree.
+
+    Any nesting is kept: bitsandbytes' AdamW8bit keeps its 8-bit moments, quantization maps and
+    absmax tensors in a dict inside each parameter's state (`__bnb_optimizer_quant_state__`).
+    Each tensor is stored under its path ("0/exp_avg": parameter 0's state) and replaced in the
+    tree by {"__json_tensor__": path}; dicts with non-string keys, tuples and non-finite floats
+    are tagged so that they come back as they were (and the JSON stays strict).
+    """
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}/{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+    def encode(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = path if path not in tensors else f"{path}#{len(tensors)}"
+            tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+            return {_TENSOR: name}
+        if isinstance(value, dict):
+            items = [(key, encode(item, _join(path, key))) for key, item in value.items()]
+            if all(isinstance(key, str) and not key.startswith("__json_") for key, _ in items):
+                return dict(items)
+            return {_DICT: [[key, item] for key, item in items]}
+        if isinstance(value, tuple):
+            return {_TUPLE: [encode(item, _join(path, i)) for i, item in enumerate(value)]}
+        if isinstance(value, list):
+            return [encode(item, _join(path, i)) for i, item in enumerate(value)]
+        if isinstance(value, float) and not math.isfinite(value):
+            return {_FLOAT: repr(value)}
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        raise CheckpointError(
+            f"cannot checkpoint optimizer state {path!r} of type {type(value).__name__}"
+        )
+
+    tree = {key: encode(value, "" if key == "state" else key) for key, value in state.items()}
+    return tensors, {"format": 2, "tree": tree}
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}/{key}" if path else str(key)
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        index, key = name.split("/", 1)
-        state.setdefault(int(index), {})[key] = tensor
-    for index, values in rest["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    return {"state": state, "param_groups": rest["param_groups"]}
+    """The optimizer state dict that `_flatten_optimizer` split; also reads the format before
+    nesting was kept (tensors "index/key" and a flat "scalars" table)."""
+    if rest.get("format") != 2:
+        state: dict[int, dict[str, Any]] = {}
+        for name, tensor in tensors.items():
+            index, key = name.split("/", 1)
+            state.setdefault(int(index), {})[key] = tensor
+        for index, values in rest["scalars"].items():
+            state.setdefault(int(index), {}).update(values)
+        return {"state": state, "param_groups": rest["param_groups"]}
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, list):
+            return [decode(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        if _TENSOR in value:
+            return tensors[value[_TENSOR]]
+        if _DICT in value:
+            return {key: decode(item) for key, item in value[_DICT]}
+        if _TUPLE in value:
+            return tuple(decode(item) for item in value[_TUPLE])
+        if _FLOAT in value:
+            return float(value[_FLOAT])
+        return {key: decode(item) for key, item in value.items()}
+
+    return {key: decode(value) for key, value in rest["tree"].items()}
+
+
+_TENSOR, _DICT, _TUPLE, _FLOAT = (
+    "__json_tensor__",
+    "__json_dict__",
+    "__json_tuple__",
+    "__json_float__",
+)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -154,6 +211,36 @@ def save_checkpoint(
     return final
 
 
+def _check_adapter_fits(folder: Path, unet: torch.nn.Module, adapter: dict) -> None:
+    """A one-line error when the saved LoRA's tensors do not match this run's LoRA (another
+    lora.rank or lora.target_modules): names the shapes instead of a size-mismatch traceback."""
+    expected = get_peft_model_state_dict(unet)
+    missing = sorted(set(expected) - set(adapter))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} lacks {len(missing)} of this LoRA's tensors, such as "
+            f"{missing[0]!r} (was lora.target_modules changed? resume with the run's own)"
+        )
+    for key, tensor in adapter.items():
+        if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+            saved, wanted = _rank(key, tensor.shape), _rank(key, expected[key].shape)
+            hint = (
+                f"it was trained with lora.rank = {saved}, this config asks for {wanted}"
+                if saved != wanted
+                else "the LoRA's shape changed"
+            )
+            raise CheckpointError(
+                f"checkpoint {str(folder)!r} does not fit this LoRA: {key!r} is "
+                f"{tuple(tensor.shape)}, expected {tuple(expected[key].shape)} ({hint}); "
+                "resume with the run's own lora settings (drop the --set that changes them)"
+            )
+
+
+def _rank(key: str, shape: torch.Size) -> int:
+    """LoRA rank from a peft tensor's shape: lora_A is (rank, in), lora_B is (out, rank)."""
+    return int(shape[0] if "lora_A" in key else shape[1])
+
+
 def load_checkpoint(
     folder: str | Path, *, unet: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> CheckpointState:
@@ -167,6 +254,7 @@ def load_checkpoint(
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read checkpoint {str(folder)!r}: {err}") from err
 
+    _check_adapter_fits(folder, unet, adapter)
     result = set_peft_model_state_dict(unet, adapter)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
@@ -174,7 +262,14 @@ def load_checkpoint(
             f"checkpoint {str(folder)!r} does not fit this LoRA: {len(unexpected)} unexpected "
             f"keys such as {unexpected[0]!r} (was lora.rank or lora.target_modules changed?)"
         )
-    optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, state["optimizer"]))
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, state["optimizer"]))
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r}: its optimizer state does not fit this run's optimizer "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); was "
+            "memory.use_8bit_adam or the LoRA changed since it was written?"
+        ) from err
     generators = [rng[f"generator/{i}"] for i in range(state["num_processes"])]
     return CheckpointState(
         epoch=int(state["epoch"]),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import resource
 import time
 import warnings
@@ -132,6 +133,27 @@ def make_optimizer(
     return torch.optim.AdamW(params, **kwargs)
 
 
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, train) -> list[str]:
+    """Set the config's learning rate, betas, weight decay and epsilon on every param group (a
+    restored optimizer carries the checkpoint's: `--resume --set train.learning_rate=...` must
+    apply). Returns 'name old -> new' for each value that changed; none on a plain resume."""
+    wanted = {
+        "lr": train.learning_rate,
+        "betas": (train.adam_beta1, train.adam_beta2),
+        "weight_decay": train.adam_weight_decay,
+        "eps": train.adam_epsilon,
+    }
+    changed = []
+    for group in optimizer.param_groups:
+        for key, value in wanted.items():
+            old = tuple(group[key]) if isinstance(group.get(key), list | tuple) else group.get(key)
+            if old != value:
+                if f"{key} {old} -> {value}" not in changed:
+                    changed.append(f"{key} {old} -> {value}")
+            group[key] = value
+    return changed
+
+
 def make_accelerator(config: Config) -> Accelerator:
     """An Accelerator for this config. accelerate keeps one global state per process; it is reset
     (keeping the process group) so that train() can be called again with another precision."""
@@ -200,6 +222,15 @@ def build_components(config: Config, accelerator: Accelerator) -> Components:
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
+
+
+def json_line(row: dict) -> str:
+    """One strict-JSON line: a non-finite number (an epoch with no reward, say) is null."""
+
+    def finite(value):
+        return value if not isinstance(value, float) or math.isfinite(value) else None
+
+    return json.dumps({key: finite(value) for key, value in row.items()}, allow_nan=False) + "\n"
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -349,6 +380,9 @@ class TrainingLoop:
                 f"process(es); resume it with the same number (this run has "
                 f"{accelerator.num_processes})"
             )
+        changed = apply_optimizer_settings(self.run.optimizer, self.config.train)
+        if changed and self.is_main:
+            self.console.print(f"resumed with new optimizer settings: {', '.join(changed)}")
         self.generator.set_state(state.generator_states[accelerator.process_index])
         torch.set_rng_state(state.torch_rng_state)
         if self.tracker is not None and state.tracker is not None:
@@ -363,7 +397,7 @@ class TrainingLoop:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.toml").write_text(to_toml(self.config))
             with self.metrics_file.open("w") as f:  # a resumed run drops the rows it redoes
-                f.writelines(json.dumps(row) + "\n" for row in self.result.metrics)
+                f.writelines(json_line(row) for row in self.result.metrics)
             if resumed:
                 where = f"epoch {first_epoch}" if from_checkpoint else "the start (no checkpoint)"
                 self.console.print(f"resuming {self.output_dir} from {where}")
@@ -392,6 +426,12 @@ class TrainingLoop:
         scored = score_epoch(
             samples.rewards, trajectory, self.prompts, self.tracker, config, accelerator
         )
+        if len(scored.rewards) == 0:  # nothing to learn from: never step the optimizer on it
+            raise NoSamplesError(
+                f"epoch {epoch + 1}: all {scored.dropped} samples had a non-finite reward or "
+                f"trajectory ({scored.nonfinite_rewards} non-finite rewards), so there is nothing "
+                "to train on"
+            )
         if scored.dropped:
             warnings.warn(
                 f"epoch {epoch}: {scored.dropped} sample(s) had a non-finite reward or "
@@ -441,7 +481,7 @@ class TrainingLoop:
         accelerator.log(row, step=epoch)
         if self.is_main:
             with self.metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json_line(row))
             grid = self.output_dir / "samples" / f"epoch_{epoch:04d}.png"
             save_samples(samples.images, samples.prompts, samples.rewards, grid)
             self.console.print(epoch_summary(epoch, config.num_epochs, row))
@@ -503,7 +543,7 @@ class TrainingLoop:
                 save_before_after_grid(self.baseline_results, results, path, epochs_done)
             if epochs_done == 0:
                 self.baseline_results = results
-                (self.output_dir / "eval_baseline.json").write_text(json.dumps(row) + "\n")
+                (self.output_dir / "eval_baseline.json").write_text(json_line(row))
                 self.console.print(
                     f"baseline evaluation (base model): reward {row['eval_reward_mean']:.4g}"
                 )
@@ -556,6 +596,10 @@ class TrainingLoop:
         write_model_card(
             self.output_dir, self.config, self.metadata, epochs_done, self.result.metrics
         )
+
+
+class NoSamplesError(RewardError):
+    """Every sample of an epoch was dropped: the run stops instead of training on nothing."""
 
 
 def _stopped_message(err: RewardError, result: TrainResult) -> str:
@@ -645,6 +689,7 @@ class Scored:
     weights: torch.Tensor  # (B,) this process's advantages (or RWR weights); 0 where dropped
     valid: torch.Tensor  # (B,) bool, this process's samples that take part in the update
     dropped: int  # samples dropped over all processes
+    nonfinite_rewards: int = 0  # of which with a non-finite reward (the rest: trajectory)
 
 
 def score_epoch(
@@ -686,6 +731,7 @@ def score_epoch(
         weights=advantages[mine].to(device),
         valid=finite[mine].to(device),
         dropped=int((~finite).sum()),
+        nonfinite_rewards=int((~torch.isfinite(all_rewards)).sum()),
     )
 
 

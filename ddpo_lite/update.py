@@ -233,6 +233,8 @@ def update(
                 (trajectory.index(rows), cols[rows], weights[rows], valid[rows])
                 for rows in row_groups[start : start + per_step]
             ]
+            if not _any_valid(accelerator, batches):
+                continue  # every sample of this step was dropped: AdamW would still move the LoRA
             step_stats = accumulate_step(
                 accelerator,
                 unet,
@@ -250,7 +252,20 @@ def update(
             history.append(step_stats)
             progress()
     unet.eval()
+    if not history:
+        return {}
     return {name: float(np.mean([h[name] for h in history])) for name in history[0]}
+
+
+def _any_valid(accelerator: Accelerator, batches) -> bool:
+    """Whether any process has a sample left in this optimizer step (the same on every process,
+    so that all of them step, or none)."""
+    count = torch.tensor(
+        [sum(int(valid.sum()) for *_, valid in batches)], device=accelerator.device
+    )
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, reduction="sum")
+    return bool(count.item() > 0)
 
 
 def optimizer_steps(config: Config, num_samples: int) -> int:

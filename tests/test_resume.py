@@ -139,3 +139,56 @@ def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     assert [row["epoch"] for row in _rows(out)] == list(range(5))
     assert latest_checkpoint(out).name == "epoch_0005"
+
+
+# rank 128 on the tiny UNet: every LoRA matrix has >= 4096 elements (e.g. to_q's A is 128 x 32),
+# so bitsandbytes keeps real 8-bit moments (its quantization state nests inside each param's
+# state) and the checkpoint must round-trip them exactly
+EIGHT_BIT = [*SHORT, "memory.use_8bit_adam=true", "lora.rank=128", "lora.alpha=128"]
+
+
+def test_8bit_adam_state_resumes_bit_for_bit(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    straight = tiny_config(tmp_path / "a", "num_epochs=4", *EIGHT_BIT)
+    train(straight, show_progress=False)
+    saved = load_file(latest_checkpoint(straight.output_dir) / "optimizer.safetensors")
+    moments = [v for k, v in saved.items() if k.endswith(("/state1", "/state2"))]
+    assert moments and all(v.dtype == torch.uint8 for v in moments)  # really 8-bit state
+
+    train(tiny_config(tmp_path / "b", "num_epochs=2", *EIGHT_BIT), show_progress=False)
+    train(tiny_config(tmp_path / "b", "num_epochs=4", *EIGHT_BIT), resume=True, show_progress=False)
+
+    a, b = _lora(tmp_path / "a" / "run"), _lora(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
+    assert sum(float(v.abs().sum()) for k, v in a.items() if "lora.up" in k) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    end_a = load_file(latest_checkpoint(tmp_path / "a" / "run") / "optimizer.safetensors")
+    end_b = load_file(latest_checkpoint(tmp_path / "b" / "run") / "optimizer.safetensors")
+    assert end_a.keys() == end_b.keys()
+    for key in end_a:
+        assert torch.equal(end_a[key], end_b[key]), key
+    rows_a, rows_b = _rows(tmp_path / "a" / "run"), _rows(tmp_path / "b" / "run")
+    assert [r["reward_mean"] for r in rows_a] == [r["reward_mean"] for r in rows_b]
+
+
+def test_resume_applies_new_optimizer_settings_and_refuses_another_rank(tmp_path, capsys):
+    from ddpo_lite.cli import main
+
+    out = tmp_path / "run"
+    train(tiny_config(tmp_path, "num_epochs=1", *SHORT), show_progress=False)
+
+    # another rank: one line naming both ranks, not a size-mismatch traceback
+    assert main(["train", "--resume", str(out), "--set", "lora.rank=8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.rank = 4" in err and "asks for 8" in err and "Traceback" not in err
+
+    # a new learning rate and betas on resume are applied, not only written to config.toml
+    sets = ["num_epochs=2", "train.learning_rate=1e-3", "train.adam_beta1=0.5"]
+    args = ["train", "--resume", str(out), "--quiet"]
+    assert main([*args, *(x for s in sets for x in ("--set", s))]) == 0
+    assert "lr 0.02 -> 0.001" in capsys.readouterr().out
+    state = json.loads((latest_checkpoint(out) / "state.json").read_text())
+    (group,) = state["optimizer"]["tree"]["param_groups"]
+    assert group["lr"] == 1e-3
+    assert group["betas"] == {"__json_tuple__": [0.5, 0.999]}

@@ -359,3 +359,99 @@ def test_timestep_columns_draw_from_the_first_steps():
     assert (
         timestep_columns(5, 10, 1.0, g, first_steps=30).sort(1).values == torch.arange(10)
     ).all()
+
+
+def test_an_epoch_with_every_sample_dropped_stops_the_run(tmp_path):
+    """All rewards NaN: the run stops with an error naming the epoch, writes no LoRA and takes
+    no optimizer step (AdamW would move the LoRA on zero gradients by its momentum and decay)."""
+    from ddpo_lite.rewards.compose import RewardError
+
+    def reward(images, prompts, metadata):
+        return np.full(len(images), np.nan), {}
+
+    config = tiny_config(
+        tmp_path, "num_epochs=2", "sample.num_steps=3", "sample.num_batches_per_epoch=1"
+    )
+    with pytest.raises(RewardError, match="epoch 1: all 8 samples"):
+        train(config, reward_fn=reward, show_progress=False)
+    assert not (tmp_path / "run" / "lora").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_optimizer_step_with_no_valid_sample_is_skipped(tmp_path):
+    config = tiny_config(tmp_path, "sample.num_steps=3", "train.adam_weight_decay=0.1")
+    accelerator = make_accelerator(config)
+    run = build_components(config, accelerator)
+    _, trajectory = sample_batch(config, accelerator, run)
+    with torch.no_grad():  # a LoRA that has moved, so that weight decay would change it
+        for p in run.params:
+            p.add_(0.01)
+    before = [p.detach().clone() for p in run.params]
+    n = len(trajectory)
+    stats = update(
+        accelerator,
+        run.unet,
+        run.optimizer,
+        run.params,
+        run.scheduler,
+        trajectory,
+        torch.ones(n),
+        torch.zeros(n, dtype=torch.bool),
+        config,
+        torch.Generator().manual_seed(0),
+    )
+    assert stats == {}
+    assert all(torch.equal(a, b) for a, b in zip(before, run.params, strict=True))
+    # the same call with the samples valid does move it (the check above can fail)
+    update(
+        accelerator,
+        run.unet,
+        run.optimizer,
+        run.params,
+        run.scheduler,
+        trajectory,
+        torch.ones(n),
+        torch.ones(n, dtype=torch.bool),
+        config,
+        torch.Generator().manual_seed(0),
+    )
+    assert not all(torch.equal(a, b) for a, b in zip(before, run.params, strict=True))
+
+
+def test_a_scheduler_with_alpha_to_one_is_made_safe():
+    """diffusers' DDIM default set_alpha_to_one = True gives the last step std 0 (NaN
+    log-prob); the loaded pipeline samples with False, and says so."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    from ddpo_lite.models.loading import ddim_scheduler
+    from ddpo_lite.sampling import ddim_step_with_logprob
+
+    pipe = load_pipeline("tiny")
+    unsafe = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
+    with pytest.warns(UserWarning, match="set_alpha_to_one"):
+        safe = ddim_scheduler(unsafe)
+    assert safe.config.set_alpha_to_one is False
+    euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # no such key: DDIM's True
+    assert ddim_scheduler(euler).config.set_alpha_to_one is False
+
+    for scheduler, finite in ((unsafe, False), (safe, True)):
+        scheduler.set_timesteps(4)
+        t = scheduler.timesteps[-1:]
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        _, log_prob = ddim_step_with_logprob(
+            scheduler, eps, t, x, eta=1.0, generator=torch.Generator().manual_seed(2)
+        )
+        assert bool(torch.isfinite(log_prob).all()) is finite
+
+
+def test_metrics_lines_are_strict_json():
+    from ddpo_lite.trainer import json_line
+
+    line = json_line({"epoch": 1, "reward_mean": float("nan"), "kl": float("inf"), "x": 0.5})
+    assert line == '{"epoch": 1, "reward_mean": null, "kl": null, "x": 0.5}\n'
+
+    def refuse(name):
+        raise ValueError(name)
+
+    assert json.loads(line, parse_constant=refuse)["x"] == 0.5

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,28 @@ def load_pipeline(
             f"{name!r} is neither an existing folder nor a Hub id; {_ACCEPTED_FORMS}"
         )
 
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = ddim_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def ddim_scheduler(scheduler) -> DDIMScheduler:
+    """The DDIM scheduler DDPO's policy steps with, from any scheduler's config.
+
+    `set_alpha_to_one` is always False: True (DDIMScheduler's own default, so also what a
+    non-DDIM config converts to) makes the last step go to alpha = 1, where the DDIM step's std
+    is 0 and its log-probability NaN, and every sample would be dropped. False steps to the
+    first training timestep's alpha, as Stable Diffusion's own scheduler config does.
+    """
+    if isinstance(scheduler, DDIMScheduler) and not scheduler.config.set_alpha_to_one:
+        return scheduler
+    if isinstance(scheduler, DDIMScheduler):
+        warnings.warn(
+            "the model's DDIM scheduler has set_alpha_to_one = True, which gives the last step "
+            "std 0 (a NaN log-probability); ddpo-lite samples with set_alpha_to_one = False",
+            stacklevel=3,
+        )
+    return DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=False)
 
 
 def _one_line(err: BaseException) -> str:
