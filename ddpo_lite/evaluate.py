@@ -7,6 +7,7 @@ and their numbers are comparable; evaluating the same weights twice gives identi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,8 +71,10 @@ def evaluate(
     guidance_scale: float,
     eta: float,
     autocast,
+    advance: Callable[[], None] = lambda: None,
 ) -> dict[str, GroupResult]:
-    """Sample `num_per_prompt` images per prompt of every group with fixed noise and score them."""
+    """Sample `num_per_prompt` images per prompt of every group with fixed noise and score them;
+    `advance` is called after each prompt (a progress bar's step)."""
     results = {}
     for name, prompts in groups.items():
         rewards, images, all_images, all_prompts = [], [], [], []
@@ -94,6 +97,7 @@ def evaluate(
             images.append(batch[0])
             all_images += batch
             all_prompts += texts
+            advance()
         results[name] = GroupResult(
             prompts=list(prompts),
             rewards=np.stack(rewards),

@@ -89,7 +89,7 @@ def epoch_summary(epoch: int, num_epochs: int, row: dict) -> str:
 
 
 def metrics_before(path: Path, epoch: int) -> list[dict]:
-    """The metrics.jsonl rows of epochs before `epoch` (a resumed run rewrites the rest)."""
+    """The metrics.jsonl rows of the first `epoch` epochs (a resumed run rewrites the rest)."""
     if not path.is_file():
         return []
     rows = []
@@ -98,7 +98,7 @@ def metrics_before(path: Path, epoch: int) -> list[dict]:
             row = json.loads(line)
         except ValueError:  # a line cut short by a crash
             continue
-        if row.get("epoch", epoch) < epoch:
+        if row.get("epoch", epoch + 1) <= epoch:  # rows are numbered 1.. (epochs done)
             rows.append(row)
     return rows
 

@@ -11,6 +11,7 @@ The update itself is in `update.py`, the output folder's files in `run_files.py`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -28,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import DDIMScheduler
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -83,6 +85,7 @@ class TrainResult:
     stop_reason: str | None = None
     """Why a guard rule stopped the run early (None: it ran all its epochs)."""
     stopped_epoch: int | None = None
+    """The epoch (1-based, as in metrics.jsonl) after which a guard rule stopped the run."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,20 +295,24 @@ def train(
     output_dir = Path(config.output_dir)
     checkpoint = prepare_output(output_dir, resume, overwrite)
     accelerator = make_accelerator(config)
-    reward = (
-        CheckedReward(reward_fn, getattr(reward_fn, "__name__", "reward_fn"))
-        if reward_fn is not None
-        else build_reward(
-            config.reward, device=str(accelerator.device), offload=config.memory.offload_reward
+    console = Console(soft_wrap=True)
+    enabled = show_progress and accelerator.is_main_process and console.is_terminal
+    loading = f"loading the model {config.model.name!r} and the reward"
+    with console.status(escape(loading)) if enabled else contextlib.nullcontext():
+        reward = (
+            CheckedReward(reward_fn, getattr(reward_fn, "__name__", "reward_fn"))
+            if reward_fn is not None
+            else build_reward(
+                config.reward, device=str(accelerator.device), offload=config.memory.offload_reward
+            )
         )
-    )
-    loop = TrainingLoop(config, accelerator, reward, prompts, eval_groups, output_dir)
+        loop = TrainingLoop(config, accelerator, reward, prompts, eval_groups, output_dir, console)
     first_epoch = loop.restore(checkpoint) if checkpoint is not None else 0
     loop.start(first_epoch, resumed=resume, from_checkpoint=checkpoint is not None)
     executor = ThreadPoolExecutor(1, "ddpo-lite-reward") if config.reward.overlap else None
     try:
-        enabled = show_progress and accelerator.is_main_process and loop.console.is_terminal
         with _progress(loop.console, enabled) as progress:
+            loop.progress = progress
             if first_epoch == 0 and eval_groups:
                 loop.evaluate(0)  # the base model: the baseline every later evaluation beats
             for epoch in range(first_epoch, config.num_epochs):
@@ -338,6 +345,7 @@ class TrainingLoop:
         prompts: list[str],
         eval_groups: dict[str, list[str]],
         output_dir: Path,
+        console: Console | None = None,
     ):
         self.config = config
         self.accelerator = accelerator
@@ -346,7 +354,8 @@ class TrainingLoop:
         self.eval_groups = eval_groups
         self.output_dir = output_dir
         self.metrics_file = output_dir / "metrics.jsonl"
-        self.console = Console(soft_wrap=True)
+        self.console = console or Console(soft_wrap=True)
+        self.progress: Progress | None = None  # train() sets it: evaluations show a bar too
         self.run = build_components(config, accelerator)
         if len(prompts) <= PRELOAD_PROMPTS:
             self.run.encoder.preload(prompts)
@@ -434,7 +443,7 @@ class TrainingLoop:
             )
         if scored.dropped:
             warnings.warn(
-                f"epoch {epoch}: {scored.dropped} sample(s) had a non-finite reward or "
+                f"epoch {epoch + 1}: {scored.dropped} sample(s) had a non-finite reward or "
                 "trajectory and were dropped from the update",
                 stacklevel=2,
             )
@@ -465,7 +474,7 @@ class TrainingLoop:
         if config.eval.every and ((epoch + 1) % config.eval.every == 0 or last):
             evaluated = self.evaluate(epoch + 1)
         row = {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # 1-based, as everywhere: the console, TensorBoard, samples/
             **reward_stats(scored.rewards),
             "dropped_samples": scored.dropped,
             **stats,
@@ -478,11 +487,11 @@ class TrainingLoop:
             "peak_memory_bytes": _peak_memory(device),
         }
         self.result.metrics.append(row)
-        accelerator.log(row, step=epoch)
+        accelerator.log(row, step=epoch + 1)
         if self.is_main:
             with self.metrics_file.open("a") as f:
                 f.write(json_line(row))
-            grid = self.output_dir / "samples" / f"epoch_{epoch:04d}.png"
+            grid = self.output_dir / "samples" / f"epoch_{epoch + 1:04d}.png"
             save_samples(samples.images, samples.prompts, samples.rewards, grid)
             self.console.print(epoch_summary(epoch, config.num_epochs, row))
         return row
@@ -509,6 +518,13 @@ class TrainingLoop:
         row: dict[str, float] = {}
         if self.is_main:
             config, run = self.config, self.run
+            progress = self.progress or _progress(self.console, False)
+            recompute = self.baseline_results is None and epochs_done
+            prompts = sum(len(group) for group in self.eval_groups.values())
+            what = "base model" if epochs_done == 0 else f"after epoch {epochs_done}"
+            task = progress.add_task(
+                f"evaluation ({what})", total=prompts * (2 if recompute else 1)
+            )
             evaluate_policy = functools.partial(
                 evaluate,
                 run.pipe,
@@ -522,11 +538,13 @@ class TrainingLoop:
                 guidance_scale=config.sample.guidance_scale,
                 eta=config.sample.eta,
                 autocast=self.accelerator.autocast,
+                advance=functools.partial(progress.advance, task),
             )
-            if self.baseline_results is None and epochs_done:  # resumed: the base, LoRA off
+            if recompute:  # resumed: the base, LoRA off
                 with adapters_disabled(run.policy):
                     self.baseline_results = evaluate_policy()
             results = evaluate_policy()
+            progress.remove_task(task)
             row = eval_metrics(results)
             if self.baseline_results is not None:  # paired with the base: the same noise
                 for pair in compare(self.baseline_results, results):
@@ -561,7 +579,7 @@ class TrainingLoop:
     def stopped(self, epoch: int, reason: str) -> None:
         """Record and say why the run stopped early."""
         self.result.stop_reason = reason
-        self.result.stopped_epoch = epoch
+        self.result.stopped_epoch = epoch + 1
         if self.is_main:
             best = (
                 f"; best evaluation {self.guard.best_eval:.4g} after epoch "
@@ -571,7 +589,7 @@ class TrainingLoop:
             )
             self.console.print(f"stopped after epoch {epoch + 1} by {reason}{best}")
             with (self.output_dir / "stopped.json").open("w") as f:
-                json.dump({"epoch": epoch, "reason": reason, **self.guard.state_dict()}, f)
+                json.dump({"epoch": epoch + 1, "reason": reason, **self.guard.state_dict()}, f)
 
     def save(self, epochs_done: int) -> None:
         """Checkpoint, user-facing LoRA and model card (every process joins the gather)."""

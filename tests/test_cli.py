@@ -42,14 +42,14 @@ def run_dir(tmp_path_factory):
 def test_train_leaves_a_complete_run(run_dir, capsys):
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in rows] == [0, 1]
+    assert [row["epoch"] for row in rows] == [1, 2]
     for key in ("reward_mean", "reward_std", "reward_min", "reward_max", "approx_kl", "clipfrac"):
         assert key in rows[0]
     for key in ("loss", "grad_norm", "epoch_seconds", "samples_per_second", "peak_memory_bytes"):
         assert key in rows[0]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
-        "epoch_0000.png",
         "epoch_0001.png",
+        "epoch_0002.png",
     ]
     # the resolved config loads back as it was
     config = load_config(str(run_dir / "config.toml"))
@@ -119,7 +119,7 @@ def test_resume_from_the_command_line_extends_a_run(run_dir, tmp_path, capsys):
     shutil.copytree(run_dir, copy)
     assert main(["train", "--resume", str(copy), "--set", "num_epochs=3", "--quiet"]) == 0
     rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in rows] == [0, 1, 2]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
     printed = capsys.readouterr().out
     assert "from epoch 2" in printed
     # not a terminal: no progress bars, one plain summary line per epoch

@@ -186,9 +186,9 @@ def test_the_guard_stops_a_drifting_run_and_says_why(tmp_path, capsys):
     guarded = train(
         tiny_config(tmp_path / "guarded", *common, f"guard.max_kl={bound}"), show_progress=False
     )
-    assert guarded.stopped_epoch == fires_at and "guard.max_kl" in guarded.stop_reason
+    assert guarded.stopped_epoch == fires_at + 1 and "guard.max_kl" in guarded.stop_reason
     assert len(guarded.metrics) == fires_at + 1
     out = guarded.output_dir
     assert (out / "checkpoints" / f"epoch_{fires_at + 1:04d}").is_dir()
-    assert json.loads((out / "stopped.json").read_text())["epoch"] == fires_at
+    assert json.loads((out / "stopped.json").read_text())["epoch"] == fires_at + 1
     assert f"stopped after epoch {fires_at + 1} by guard.max_kl" in capsys.readouterr().out

@@ -126,7 +126,7 @@ def test_the_final_lora_is_evaluated_whatever_eval_every(tmp_path, heldout):
         "eval.num_per_prompt=1",
     )
     result = train(config, reward_fn=_brightness, show_progress=False)
-    evaluated = [row["epoch"] + 1 for row in result.metrics if "eval_reward_mean" in row]
+    evaluated = [row["epoch"] for row in result.metrics if "eval_reward_mean" in row]
     assert evaluated == [2, 3]
     names = sorted(p.name for p in (result.output_dir / "samples").glob("eval_epoch_*.png"))
     assert names == ["eval_epoch_0000.png", "eval_epoch_0002.png", "eval_epoch_0003.png"]

@@ -99,7 +99,7 @@ def test_every_preset_runs_as_shipped(preset, tmp_path, aesthetic_twin):
 
     assert _cli("train", "--resume", out, "--quiet", "--set", "num_epochs=3") == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in rows] == [0, 1, 2]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert (out / "checkpoints" / "epoch_0003").is_dir()
 
     shots = tmp_path / "shots"

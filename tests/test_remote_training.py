@@ -93,4 +93,4 @@ def test_train_through_the_server_kill_it_and_resume(tmp_path, capsys):
     finally:
         server.kill()
         server.wait()
-    assert [row["epoch"] for row in _rows(out)] == [0, 1, 2, 3, 4]
+    assert [row["epoch"] for row in _rows(out)] == [1, 2, 3, 4, 5]

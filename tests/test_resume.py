@@ -47,7 +47,7 @@ def test_two_plus_two_epochs_equal_four(tmp_path):
     rest = tiny_config(tmp_path / "b", "num_epochs=4", *SHORT)
     result = train(rest, resume=True, show_progress=False)
 
-    assert [row["epoch"] for row in result.metrics] == [0, 1, 2, 3]
+    assert [row["epoch"] for row in result.metrics] == [1, 2, 3, 4]
     a, b = _lora(tmp_path / "a" / "run"), _lora(tmp_path / "b" / "run")
     assert a.keys() == b.keys()
     moved = sum(float(v.abs().sum()) for k, v in a.items() if "lora.up" in k)
@@ -56,7 +56,7 @@ def test_two_plus_two_epochs_equal_four(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     # the resumed run drew the same samples: same rewards, epoch by epoch
     rows_a, rows_b = _rows(tmp_path / "a" / "run"), _rows(tmp_path / "b" / "run")
-    assert [r["epoch"] for r in rows_b] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows_a, rows_b, strict=True):
         assert ra["reward_mean"] == pytest.approx(rb["reward_mean"], rel=1e-6)
     # checkpoints are named by epochs completed, and only the latest two are kept
@@ -137,7 +137,7 @@ def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
     from ddpo_lite.cli import main
 
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
-    assert [row["epoch"] for row in _rows(out)] == list(range(5))
+    assert [row["epoch"] for row in _rows(out)] == list(range(1, 6))
     assert latest_checkpoint(out).name == "epoch_0005"
 
 

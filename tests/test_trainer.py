@@ -194,12 +194,12 @@ def test_run_outputs_and_metrics(trained):
     config, result = trained
     assert len(result.metrics) == 2
     lines = (result.output_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     for key in ("reward_mean", "approx_kl", "clipfrac", "loss", "grad_norm", "dropped_samples"):
         assert key in result.metrics[0] and math.isfinite(result.metrics[0][key])
     assert (result.output_dir / "config.toml").is_file()
     grids = sorted(p.name for p in (result.output_dir / "samples").glob("*.png"))
-    assert grids == ["epoch_0000.png", "epoch_0001.png"]
+    assert grids == ["epoch_0001.png", "epoch_0002.png"]
     meta = read_lora_metadata(result.lora_dir)
     assert meta["base_model"] == "tiny:0" and meta["rank"] == "4" and meta["epoch"] == "2"
 
