@@ -767,6 +767,107 @@ def test_prompt_alignment_end_to_end(llava_folder, bertscore_folder):
     assert_batching(make, expected)
 
 
+def test_prompt_alignment_ddpo_template(llava_folder, bertscore_folder):
+    """template="ddpo": the question inside the DDPO LLaVA server's v0 conversation."""
+    from transformers import AutoTokenizer
+
+    folder, llava, processor = llava_folder
+    bert_folder, bert = bertscore_folder
+    text = (  # kvablack/LLaVA-server: simple_conv_multimodal.get_prompt() + "Human: " + ...
+        "You are LLaVA, a large language and vision assistant trained by UW Madison WAIV Lab."
+        "You are able to understand the visual content that the user provides, and assist the "
+        "user with a variety of tasks using natural language.Follow the instructions carefully "
+        "and explain your answers in detail.###Human: Hi!###Assistant: Hi there!  How can I "
+        "help you today?\n###Human: <image> Answer concisely: what is going on in this image?###"
+    )
+    answers = []
+    for image in images(2):
+        inputs = processor(images=[image], text=[text], return_tensors="pt")
+        with torch.no_grad():
+            out = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        answers.append(processor.tokenizer.decode(new, skip_special_tokens=True).strip())
+    hand = AutoTokenizer.from_pretrained(bert_folder)
+    expected = [
+        recall_by_hand(bert, hand, a, f"The image contains {p}", 3)
+        for a, p in zip(answers, PROMPTS[:2], strict=True)
+    ]
+    reward = get_reward(
+        "prompt_alignment",
+        model=str(folder),
+        bertscore_model=str(bert_folder),
+        bertscore_layer=3,
+        max_new_tokens=6,
+        template="ddpo",
+    )
+    rewards, info = score(reward, n=2)
+    assert info["answer"] == answers and any(answers)
+    np.testing.assert_allclose(rewards, expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown template 'v0'"):
+        get_reward("prompt_alignment", model=str(folder), template="v0")
+
+
+def test_ddpo_v0_answer_cleaning():
+    from ddpo_lite.rewards.alignment import ddpo_v0_answer
+
+    # the server stops at the first "#" and keeps what follows "Assistant:"
+    assert ddpo_v0_answer("Assistant: A cat on a mat.###Human: what") == "A cat on a mat."
+    assert ddpo_v0_answer(" a dog ## b") == "a dog"
+    assert ddpo_v0_answer("a dog") == "a dog"
+
+
+def save_tiny_deberta(folder, num_layers):
+    """A random DeBERTa of deberta-xlarge-mnli's model_type and depth (or another), tiny widths,
+    saved as a local folder with a word-level tokenizer."""
+    from transformers import DebertaConfig, DebertaModel
+
+    torch.manual_seed(23)
+    config = DebertaConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=8,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        intermediate_size=8,
+        max_position_embeddings=32,
+        relative_attention=True,
+        pos_att_type=["c2p", "p2c"],
+        type_vocab_size=0,
+        id2label={0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"},
+    )
+    model = DebertaModel(config).eval()
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return model
+
+
+def test_bertscore_layer_from_the_model_not_its_name(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ddpo_lite.rewards.alignment import bertscore_layer_for, bertscore_recall, load_bertscore
+
+    folder = tmp_path / "my-copy-of-deberta"  # a local folder: no hub name to go by
+    model = save_tiny_deberta(folder, 48)
+    scorer, tokenizer, layer = load_bertscore(str(folder), None)
+    assert layer == 40  # bert-score's layer for microsoft/deberta-xlarge-mnli (48 layers)
+    with torch.no_grad():
+        recall = bertscore_recall(scorer, tokenizer, ["a red dog"], ["a red cat"], layer, "cpu")
+    hand = AutoTokenizer.from_pretrained(folder)
+    expected = recall_by_hand(model, hand, "a red dog", "a red cat", 40)
+    assert expected != pytest.approx(recall_by_hand(model, hand, "a red dog", "a red cat", 48))
+    np.testing.assert_allclose(recall.numpy(), [expected], rtol=1e-5)
+    assert load_bertscore(str(folder), 12)[2] == 12  # named: as named
+    # bert-score's table by hub name, for the models of the same shapes read at other layers
+    assert bertscore_layer_for(scorer.config, "microsoft/deberta-xlarge") == 18
+    assert bertscore_layer_for(scorer.config, "microsoft/deberta-xlarge-mnli") == 40
+    save_tiny_deberta(tmp_path / "deberta-24", 24)
+    assert load_bertscore(str(tmp_path / "deberta-24"), None)[2] == 18  # deberta-large-mnli's
+    save_tiny_deberta(tmp_path / "deberta-5", 5)
+    with pytest.raises(
+        ValueError, match="no BERTScore layer.*'deberta', 5 layers.*bertscore_layer"
+    ):
+        load_bertscore(str(tmp_path / "deberta-5"), None)
+
+
 def test_image_processors_are_pil_even_with_torchvision(monkeypatch, clip_folder, llava_folder):
     """transformers picks torchvision's image processor when torchvision is installed; the
     rewards pin PIL's. Torchvision's presence is simulated where transformers decides it."""
