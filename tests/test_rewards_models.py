@@ -120,16 +120,28 @@ def save_tiny_clip(folder, projection_dim=16, seed=0, weights=True):
     return model
 
 
-def reference_cosine(model, folder):
-    """cos(image, text) from the tiny CLIP's own features and processor."""
-    from transformers import CLIPProcessor
+def pil_clip_image_processor_class():
+    """CLIP's PIL-backend image processor class: CLIPImageProcessorPil in transformers 5
+    (where CLIPImageProcessor is torchvision's when torchvision is installed), else
+    CLIPImageProcessor."""
+    import transformers
 
-    processor = CLIPProcessor.from_pretrained(folder)
-    inputs = processor(text=PROMPTS, images=images(), padding=True, return_tensors="pt")
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
+def reference_cosine(model, folder, pixels=None):
+    """cos(image, text) from the tiny CLIP's own features, tokenizer and PIL image processor
+    (or the given `pixels`)."""
+    from transformers import CLIPTokenizer
+
+    if pixels is None:
+        processor = pil_clip_image_processor_class().from_pretrained(folder)
+        pixels = processor(images=images(), return_tensors="pt")["pixel_values"]
+    tokens = CLIPTokenizer.from_pretrained(folder)(PROMPTS, padding=True, return_tensors="pt")
     with torch.no_grad():
-        image = model.get_image_features(pixel_values=inputs["pixel_values"])
+        image = model.get_image_features(pixel_values=pixels)
         text = model.get_text_features(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
         )
     image, text = getattr(image, "pooler_output", image), getattr(text, "pooler_output", text)
     image = image / image.norm(dim=-1, keepdim=True)
@@ -161,10 +173,8 @@ def aesthetic_files(tmp_path_factory):
 
 
 def test_aesthetic_matches_head_by_hand(aesthetic_files):
-    from transformers import CLIPImageProcessor
-
     folder, clip, head = aesthetic_files
-    pixels = CLIPImageProcessor.from_pretrained(folder / "clip")(
+    pixels = pil_clip_image_processor_class().from_pretrained(folder / "clip")(
         images=images(), return_tensors="pt"
     )["pixel_values"]
     with torch.no_grad():
@@ -322,6 +332,88 @@ def transformers_to_openclip(state):
     return out
 
 
+def hps_reference_pixels(pil_images, size):
+    """HPSv2's eval transform (hpsv2/src/open_clip/transform.py, `resize_longest_max=True`:
+    ToTensor, ResizeMaxSize(size) = bicubic resize of the float tensor so the long side is
+    `size` then zero padding to a square, Normalize with OpenAI CLIP's mean/std), written
+    here apart from the reward's: numpy for the tensor and the normalisation, a zero canvas for
+    the padding, and torch's bicubic interpolation with torchvision's tensor settings
+    (align_corners=False, antialias=True, no clamping)."""
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)[:, None, None]
+    std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)[:, None, None]
+    out = []
+    for image in pil_images:
+        chw = np.asarray(image.convert("RGB")).transpose(2, 0, 1).astype(np.float32) / 255
+        h, w = chw.shape[1:]
+        scale = size / max(h, w)
+        nh, nw = round(h * scale), round(w * scale)
+        resized = torch.nn.functional.interpolate(
+            torch.from_numpy(np.ascontiguousarray(chw))[None],
+            size=(nh, nw),
+            mode="bicubic",
+            align_corners=False,
+            antialias=True,
+        )[0].numpy()
+        canvas = np.zeros((3, size, size), dtype=np.float32)
+        top, left = (size - nh) // 2, (size - nw) // 2
+        canvas[:, top : top + nh, left : left + nw] = resized
+        out.append((canvas - mean) / std)
+    return torch.from_numpy(np.stack(out))
+
+
+def test_hps_pixels_follow_hpsv2_transform():
+    from ddpo_lite.rewards.hps import hps_pixels
+
+    rng = np.random.default_rng(3)
+    shapes = [(64, 64), (512, 512), (48, 40), (37, 70), (224, 224)]  # (h, w)
+    pil = [Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)) for hw in shapes]
+    ours = hps_pixels(pil, 224)
+    assert ours.shape == (5, 3, 224, 224) and ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.numpy(), hps_reference_pixels(pil, 224).numpy(), atol=1e-6)
+    # 48 high, 40 wide -> 224 x round(40 * 224 / 48) = 224 x 187, 37 columns of padding:
+    # 18 on the left, 19 on the right, black (0) before normalisation
+    black = (0 - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array(
+        [0.26862954, 0.26130258, 0.27577711]
+    )
+    for columns in (slice(0, 18), slice(224 - 19, 224)):
+        np.testing.assert_allclose(ours[2, :, :, columns].mean(dim=(1, 2)), black, rtol=1e-5)
+    assert (ours[2, :, :, 18] != torch.tensor(black, dtype=torch.float32)[:, None]).any()
+
+
+def test_hps_pixels_match_torchvision():
+    """The same transform composed from torchvision, as hpsv2's open_clip does (where torchvision
+    is installed; CI does not have it)."""
+    tv = pytest.importorskip("torchvision.transforms")
+    from torchvision.transforms import functional as TF
+
+    from ddpo_lite.rewards.hps import hps_pixels
+
+    def resize_max_size(x, size=224):  # hpsv2's ResizeMaxSize on a tensor
+        h, w = x.shape[1:]
+        scale = size / float(max(h, w))
+        if scale == 1.0:
+            return x
+        new = tuple(round(d * scale) for d in (h, w))
+        x = TF.resize(x, new, tv.InterpolationMode.BICUBIC)
+        ph, pw = size - new[0], size - new[1]
+        return TF.pad(x, padding=[pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], fill=0)
+
+    transform = tv.Compose(
+        [
+            tv.ToTensor(),
+            resize_max_size,
+            tv.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        ]
+    )
+    rng = np.random.default_rng(4)
+    pil = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for h, w in [(64, 64), (512, 512), (300, 200), (97, 131)]
+    ]
+    expected = torch.stack([transform(image) for image in pil])
+    np.testing.assert_allclose(hps_pixels(pil, 224).numpy(), expected.numpy(), atol=1e-6)
+
+
 def test_hps_converts_openclip_checkpoint(tmp_path):
     from ddpo_lite.rewards.hps import openclip_to_transformers
 
@@ -335,7 +427,9 @@ def test_hps_converts_openclip_checkpoint(tmp_path):
     checkpoint = tmp_path / "hps" / "HPS_v2_compressed.pt"
     checkpoint.parent.mkdir()
     torch.save({"state_dict": {f"module.{k}": v for k, v in openclip.items()}}, checkpoint)
-    expected = reference_cosine(source, processor)
+    expected = reference_cosine(source, processor, pixels=hps_reference_pixels(images(), 30))
+    # CLIP's PIL resize of the 8-bit image (and centre crop) gives other scores
+    assert not np.allclose(reference_cosine(source, processor), expected, rtol=1e-3, atol=1e-4)
 
     def make(batch_size):
         return get_reward(
@@ -660,6 +754,7 @@ def test_prompt_alignment_end_to_end(llava_folder, bertscore_folder):
             "prompt_alignment",
             model=str(folder),
             bertscore_model=str(bert_folder),
+            bertscore_layer=3,  # a 3-layer BERT: bert-score has no layer for it
             max_new_tokens=6,
             batch_size=batch_size,
         )
@@ -670,6 +765,171 @@ def test_prompt_alignment_end_to_end(llava_folder, bertscore_folder):
     assert any(answers)  # the tiny model says something: the recall is not of empty strings
     np.testing.assert_allclose(rewards, expected, rtol=1e-4)
     assert_batching(make, expected)
+
+
+def test_prompt_alignment_ddpo_template(llava_folder, bertscore_folder):
+    """template="ddpo": the question inside the DDPO LLaVA server's v0 conversation."""
+    from transformers import AutoTokenizer
+
+    folder, llava, processor = llava_folder
+    bert_folder, bert = bertscore_folder
+    text = (  # kvablack/LLaVA-server: simple_conv_multimodal.get_prompt() + "Human: " + ...
+        "You are LLaVA, a large language and vision assistant trained by UW Madison WAIV Lab."
+        "You are able to understand the visual content that the user provides, and assist the "
+        "user with a variety of tasks using natural language.Follow the instructions carefully "
+        "and explain your answers in detail.###Human: Hi!###Assistant: Hi there!  How can I "
+        "help you today?\n###Human: <image> Answer concisely: what is going on in this image?###"
+    )
+    answers = []
+    for image in images(2):
+        inputs = processor(images=[image], text=[text], return_tensors="pt")
+        with torch.no_grad():
+            out = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        answers.append(processor.tokenizer.decode(new, skip_special_tokens=True).strip())
+    hand = AutoTokenizer.from_pretrained(bert_folder)
+    expected = [
+        recall_by_hand(bert, hand, a, f"The image contains {p}", 3)
+        for a, p in zip(answers, PROMPTS[:2], strict=True)
+    ]
+    reward = get_reward(
+        "prompt_alignment",
+        model=str(folder),
+        bertscore_model=str(bert_folder),
+        bertscore_layer=3,
+        max_new_tokens=6,
+        template="ddpo",
+    )
+    rewards, info = score(reward, n=2)
+    assert info["answer"] == answers and any(answers)
+    np.testing.assert_allclose(rewards, expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown template 'v0'"):
+        get_reward("prompt_alignment", model=str(folder), template="v0")
+
+
+def test_ddpo_v0_answer_cleaning():
+    from ddpo_lite.rewards.alignment import ddpo_v0_answer
+
+    # the server stops at the first "#" and keeps what follows "Assistant:"
+    assert ddpo_v0_answer("Assistant: A cat on a mat.###Human: what") == "A cat on a mat."
+    assert ddpo_v0_answer(" a dog ## b") == "a dog"
+    assert ddpo_v0_answer("a dog") == "a dog"
+
+
+def save_tiny_deberta(folder, num_layers):
+    """A random DeBERTa of deberta-xlarge-mnli's model_type and depth (or another), tiny widths,
+    saved as a local folder with a word-level tokenizer."""
+    from transformers import DebertaConfig, DebertaModel
+
+    torch.manual_seed(23)
+    config = DebertaConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=8,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        intermediate_size=8,
+        max_position_embeddings=32,
+        relative_attention=True,
+        pos_att_type=["c2p", "p2c"],
+        type_vocab_size=0,
+        id2label={0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"},
+    )
+    model = DebertaModel(config).eval()
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return model
+
+
+def test_bertscore_layer_from_the_model_not_its_name(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ddpo_lite.rewards.alignment import bertscore_layer_for, bertscore_recall, load_bertscore
+
+    folder = tmp_path / "my-copy-of-deberta"  # a local folder: no hub name to go by
+    model = save_tiny_deberta(folder, 48)
+    scorer, tokenizer, layer = load_bertscore(str(folder), None)
+    assert layer == 40  # bert-score's layer for microsoft/deberta-xlarge-mnli (48 layers)
+    with torch.no_grad():
+        recall = bertscore_recall(scorer, tokenizer, ["a red dog"], ["a red cat"], layer, "cpu")
+    hand = AutoTokenizer.from_pretrained(folder)
+    expected = recall_by_hand(model, hand, "a red dog", "a red cat", 40)
+    assert expected != pytest.approx(recall_by_hand(model, hand, "a red dog", "a red cat", 48))
+    np.testing.assert_allclose(recall.numpy(), [expected], rtol=1e-5)
+    assert load_bertscore(str(folder), 12)[2] == 12  # named: as named
+    # bert-score's table by hub name, for the models of the same shapes read at other layers
+    assert bertscore_layer_for(scorer.config, "microsoft/deberta-xlarge") == 18
+    assert bertscore_layer_for(scorer.config, "microsoft/deberta-xlarge-mnli") == 40
+    save_tiny_deberta(tmp_path / "deberta-24", 24)
+    assert load_bertscore(str(tmp_path / "deberta-24"), None)[2] == 18  # deberta-large-mnli's
+    save_tiny_deberta(tmp_path / "deberta-5", 5)
+    with pytest.raises(
+        ValueError, match="no BERTScore layer.*'deberta', 5 layers.*bertscore_layer"
+    ):
+        load_bertscore(str(tmp_path / "deberta-5"), None)
+
+
+def test_image_processors_are_pil_even_with_torchvision(monkeypatch, clip_folder, llava_folder):
+    """transformers picks torchvision's image processor when torchvision is installed; the
+    rewards pin PIL's. Torchvision's presence is simulated where transformers decides it."""
+    from transformers import AutoImageProcessor
+
+    from ddpo_lite.rewards import _models
+
+    auto = pytest.importorskip("transformers.models.auto.image_processing_auto")
+    if not hasattr(auto, "_resolve_backend"):
+        pytest.skip("transformers 4: use_fast=False, checked by is_pil_image_processor below")
+    chosen = []
+    resolve = auto._resolve_backend
+
+    def spy(*args, **kwargs):
+        chosen.append(resolve(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(auto, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(auto, "_resolve_backend", spy)
+    AutoImageProcessor.from_pretrained(clip_folder[0])  # what transformers would choose
+    assert chosen == ["torchvision"]  # the simulation works: unpinned, torchvision's
+    for folder in (clip_folder[0], llava_folder[0]):
+        processor = _models.pil_image_processor(str(folder))
+        assert chosen[-1] == "pil" and _models.is_pil_image_processor(processor)
+    assert type(processor).__name__ in ("CLIPImageProcessorPil", "CLIPImageProcessor")
+
+
+def _image_processors(reward):
+    """The image processors a reward's scoring function holds (directly or in a processor)."""
+    found = []
+    for cell in reward.score.__closure__ or ():
+        value = cell.cell_contents
+        for obj in (value, getattr(value, "image_processor", None)):
+            if type(obj).__name__.endswith(("ImageProcessor", "ImageProcessorPil")):
+                found.append(obj)
+    return found
+
+
+def test_rewards_use_pil_image_processors(
+    aesthetic_files, clip_folder, llava_folder, bertscore_folder
+):
+    """Each reward's image processor is PIL's, torchvision installed or not."""
+    from ddpo_lite.rewards import _models
+
+    rewards = [
+        get_reward(
+            "aesthetic", model=str(aesthetic_files[0] / "clip"), head=str(aesthetic_files[0])
+        ),
+        get_reward("clip_score", model=str(clip_folder[0])),
+        get_reward("pickscore", model=str(clip_folder[0])),
+        get_reward(
+            "prompt_alignment",
+            model=str(llava_folder[0]),
+            bertscore_model=str(bertscore_folder[0]),
+            bertscore_layer=3,
+        ),
+    ]
+    for reward in rewards:
+        processors = _image_processors(reward)
+        assert processors and all(_models.is_pil_image_processor(p) for p in processors), (
+            reward.name
+        )
 
 
 def test_missing_model_says_what_to_pass(tmp_path):

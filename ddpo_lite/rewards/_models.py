@@ -5,6 +5,8 @@ published architecture, its preprocessing and its score.
 - Sources: a hub id (downloaded through huggingface_hub's cache) or a local folder/file.
 - Weights files: safetensors, or a torch checkpoint read with `torch.load(weights_only=True)`;
   nothing is ever unpickled.
+- Image processors: always the PIL backend (`pil_image_processor`), so that a score does not
+  depend on whether torchvision is installed (transformers picks its torchvision backend then).
 - Placement: fp16 on a GPU, fp32 on the CPU; with `offload=True` the models live on the CPU and
   visit the device only for a call.
 - `BatchedReward` turns a per-batch scoring function into the reward protocol.
@@ -99,6 +101,40 @@ def from_pretrained(cls, source: str, **kwargs):
             f"(missing {sorted(missing)[:5]}, other shape {sorted(mismatched)[:5]})"
         )
     return model
+
+
+def pil_image_processor(source: str):
+    """`source`'s image processor with the PIL backend, whether or not torchvision is installed.
+
+    transformers' automatic choice is torchvision's backend ("fast") when torchvision is
+    installed and PIL's otherwise, and the two resize differently (PickScore moved by 7e-4), so
+    the backend is pinned: `backend="pil"` on transformers 5, `use_fast=False` on 4. PIL's is
+    the one the reference implementations used (their transformers had no other).
+    """
+    import importlib.util
+
+    from transformers import AutoImageProcessor
+
+    if importlib.util.find_spec("transformers.image_processing_backends"):  # transformers 5
+        pinned = {"backend": "pil"}
+    else:
+        pinned = {"use_fast": False}
+    processor = from_pretrained(AutoImageProcessor, source, **pinned)
+    if not is_pil_image_processor(processor):
+        raise RewardModelError(
+            f"the image processor of {source!r} ({type(processor).__name__}) has no PIL "
+            "backend; ddpo-lite's rewards need one so that scores do not depend on torchvision"
+        )
+    return processor
+
+
+def is_pil_image_processor(processor) -> bool:
+    """Whether `processor` is a PIL-backend (slow) image processor, in transformers 4 or 5."""
+    try:
+        from transformers.image_processing_backends import PilBackend  # transformers 5
+    except ImportError:
+        return not getattr(processor, "is_fast", False)
+    return isinstance(processor, PilBackend)
 
 
 def load_state_dict(path: Path) -> dict:

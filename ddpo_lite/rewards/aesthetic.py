@@ -68,7 +68,7 @@ def aesthetic(
 ):
     """`model`: the CLIP (hub id or folder); `head`: the MLP (file, folder or hub repo; default:
     the `model` folder when it holds aesthetic-model.pth/.safetensors, else the TRL repo)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import CLIPConfig, CLIPVisionModelWithProjection
 
     source = model or DEFAULT_CLIP
     # the vision tower alone (the text tower is not needed); its projection size is the full
@@ -78,7 +78,7 @@ def aesthetic(
     clip = _models.from_pretrained(
         CLIPVisionModelWithProjection, source, config=config.vision_config
     )
-    processor = _models.from_pretrained(CLIPImageProcessor, source)
+    processor = _models.pil_image_processor(source)
     head = head or _models.beside(model, HEAD_FILES, DEFAULT_HEAD)
     mlp = load_head(head, clip.config.projection_dim)
     torch_dtype = _models.resolve_dtype(device, dtype)

@@ -17,11 +17,10 @@ from ddpo_lite.rewards.registry import register_reward
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 
 
-def clip_similarity(model, processor, images, prompts, device, dtype):
-    """cos(E_image, E_text) for each (image, prompt) pair -> (b,), with `processor` the
-    model's CLIPProcessor (its image processor and tokenizer)."""
-    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    text = processor.tokenizer(
+def clip_similarity(model, tokenizer, pixels, prompts, device, dtype):
+    """cos(E_image, E_text) for each (image, prompt) pair -> (b,), with `pixels` the images
+    as the model's preprocessing made them (b, 3, S, S) and `tokenizer` the model's."""
+    text = tokenizer(
         list(prompts),
         padding=True,
         truncation=True,
@@ -40,13 +39,19 @@ def clip_similarity(model, processor, images, prompts, device, dtype):
 
 
 def load_clip(source: str, processor_source: str | None = None):
-    """A transformers CLIPModel and the CLIPProcessor from `processor_source` (default: the
-    model's own folder or repo)."""
-    from transformers import CLIPModel, CLIPProcessor
+    """A transformers CLIPModel, its tokenizer and its image processor (PIL backend) from
+    `processor_source` (default: the model's own folder or repo)."""
+    from transformers import AutoTokenizer, CLIPModel
 
     model = _models.from_pretrained(CLIPModel, source)
-    processor = _models.from_pretrained(CLIPProcessor, processor_source or source)
-    return model, processor
+    tokenizer = _models.from_pretrained(AutoTokenizer, processor_source or source)
+    image_processor = _models.pil_image_processor(processor_source or source)
+    return model, tokenizer, image_processor
+
+
+def clip_pixels(image_processor, images):
+    """The images through a CLIP image processor -> (b, 3, S, S)."""
+    return image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
 
 @register_reward("clip_score", "CLIPScore: 100 * max(cos(image, prompt), 0), CLIP ViT-L/14")
@@ -58,11 +63,12 @@ def clip_score(
     batch_size: int = 16,
     dtype: str | None = None,
 ):
-    clip, processor = load_clip(model or DEFAULT_MODEL)
+    clip, tokenizer, image_processor = load_clip(model or DEFAULT_MODEL)
     torch_dtype = _models.resolve_dtype(device, dtype)
 
     def score(images, prompts, metadata):
-        cosine = clip_similarity(clip, processor, images, prompts, device, torch_dtype)
+        pixels = clip_pixels(image_processor, images)
+        cosine = clip_similarity(clip, tokenizer, pixels, prompts, device, torch_dtype)
         return scale * cosine.clamp(min=0), {"clip_cosine": cosine}
 
     return _models.BatchedReward(

@@ -10,7 +10,7 @@ files is used with them).
 from __future__ import annotations
 
 from ddpo_lite.rewards import _models
-from ddpo_lite.rewards.clip_score import clip_similarity, load_clip
+from ddpo_lite.rewards.clip_score import clip_pixels, clip_similarity, load_clip
 from ddpo_lite.rewards.registry import register_reward
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
@@ -29,11 +29,12 @@ def pickscore(
 ):
     source = model or DEFAULT_MODEL
     processor = processor or _models.beside(model, PROCESSOR_FILES, DEFAULT_PROCESSOR)
-    clip, clip_processor = load_clip(source, processor)
+    clip, tokenizer, image_processor = load_clip(source, processor)
     torch_dtype = _models.resolve_dtype(device, dtype)
 
     def score(images, prompts, metadata):
-        cosine = clip_similarity(clip, clip_processor, images, prompts, device, torch_dtype)
+        pixels = clip_pixels(image_processor, images)
+        cosine = clip_similarity(clip, tokenizer, pixels, prompts, device, torch_dtype)
         return clip.logit_scale.exp() * cosine, {"pickscore_cosine": cosine}
 
     return _models.BatchedReward(
