@@ -1,0 +1,99 @@
+"""Golden numbers of the SD 1.x path, pinned before the model-family seam moved the code.
+
+A fixed-seed `tiny` rollout's log-probs, one accumulated update's loss and gradient norm, and a
+2-epoch run's metrics. They were written by `python tests/test_golden.py --write` on the code
+before the move (tests/golden_sd1.json, values as float.hex too); this test holds every later
+version to them. Locally they stay bit-identical (compare the hex); the test allows 1e-6
+relative, for CPUs whose kernels round differently.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GOLDEN = Path(__file__).parent / "golden_sd1.json"
+SETTINGS = ["sample.num_steps=4", "sample.num_batches_per_epoch=1", "log_with=[]"]
+
+
+def compute(tmp_path: Path) -> dict[str, list[float]]:
+    from conftest import tiny_config
+
+    from ddpo_lite.sampling import rollout
+    from ddpo_lite.trainer import build_components, make_accelerator, train
+    from ddpo_lite.update import UpdateSettings, accumulate_step
+
+    config = tiny_config(tmp_path / "a", *SETTINGS)
+    accelerator = make_accelerator(config)
+    run = build_components(config, accelerator)
+    prompts = config.prompts.prompts
+    ids = torch.arange(4) % len(prompts)
+    images, trajectory = rollout(
+        run.pipe,
+        run.policy,
+        run.encoder,
+        [prompts[i] for i in ids],
+        ids,
+        scheduler=run.scheduler,
+        guidance_scale=config.sample.guidance_scale,
+        eta=config.sample.eta,
+        generator=torch.Generator().manual_seed(0),
+        autocast=accelerator.autocast,
+    )
+    cols = torch.tensor([[0, 2], [1, 3], [3, 0], [2, 1]])
+    advantages = torch.tensor([1.0, -0.5, 0.25, -1.0])
+    valid = torch.ones(4, dtype=torch.bool)
+    settings = UpdateSettings("ddpo-is", config.sample.guidance_scale, config.sample.eta, 0.2)
+    stats = accumulate_step(
+        accelerator, run.unet, run.scheduler, [(trajectory, cols, advantages, valid)], settings, 1
+    )
+    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.params]))
+
+    result = train(tiny_config(tmp_path / "b", "num_epochs=2", *SETTINGS), show_progress=False)
+    lora = [p.detach().sum() for n, p in result.pipeline.unet.named_parameters() if "lora" in n]
+    keys = ("reward_mean", "loss", "approx_kl", "clipfrac", "grad_norm", "kl_to_base")
+    return {
+        "rollout_log_probs": trajectory.log_probs.flatten().tolist(),
+        "rollout_chain_sum": [float(trajectory.chain.double().sum())],
+        "rollout_first_pixel_sum": [
+            float(np.asarray(images[0].convert("L"), dtype=np.float64).sum())
+        ],
+        "update_loss_grad_norm": [stats["loss"], float(grad_norm)],
+        "run_metrics": [float(row[k]) for row in result.metrics for k in keys],
+        "run_lora_sum": [float(torch.stack(lora).double().sum())],
+    }
+
+
+def test_sd1_golden_numbers(tmp_path):
+    golden = json.loads(GOLDEN.read_text())
+    got = compute(tmp_path)
+    assert got.keys() == golden.keys()
+    for name, values in got.items():
+        pinned = golden[name]["values"]
+        assert len(values) == len(pinned), name
+        for i, (a, b) in enumerate(zip(values, pinned, strict=True)):
+            assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), f"{name}[{i}]: {a} != {b}"
+
+
+def bit_identical(tmp_path: Path) -> list[str]:
+    """The names whose values differ in any bit from the pinned ones."""
+    golden = json.loads(GOLDEN.read_text())
+    got = compute(tmp_path)
+    return [n for n, v in got.items() if [x.hex() for x in v] != golden[n]["hex"]]
+
+
+if __name__ == "__main__":  # --write: pin the current code's numbers; --bits: compare exactly
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    with tempfile.TemporaryDirectory() as tmp:
+        if "--write" in sys.argv:
+            values = compute(Path(tmp))
+            data = {n: {"values": v, "hex": [x.hex() for x in v]} for n, v in values.items()}
+            GOLDEN.write_text(json.dumps(data, indent=1) + "\n")
+        else:
+            differ = bit_identical(Path(tmp))
+            print("bit-identical" if not differ else f"differ in bits: {differ}")
