@@ -3,6 +3,7 @@ every user mistake answered with one line and exit status 2."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -258,40 +259,94 @@ def test_bad_input_is_one_line(tmp_path, capsys, run_dir):
     _one_line_error(capsys, ["train", "--resume", str(tmp_path)], "not a ddpo-lite run")
 
 
-@pytest.mark.slow
-def test_presets_ship_in_the_wheel(tmp_path):
-    """`pip install .` into a fresh venv, then from outside the repo the presets list, show and
-    resolve their prompt files inside the installed package."""
+def _build_wheel(tmp_path: Path) -> Path:
+    """The wheel `pip install .` builds, from a clean copy of the sources (no stale build/), with
+    this interpreter's setuptools and nothing downloaded."""
     repo = Path(__file__).resolve().parents[1]
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    python = venv / "bin" / "python"
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "build", "*.egg-info")
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        if (repo / name).is_file():
+            shutil.copy(repo / name, src / name)
+    for name in ("ddpo_lite", "presets"):
+        shutil.copytree(repo / name, src / name, ignore=ignore)
     wheels = tmp_path / "wheels"
-    subprocess.run(  # the wheel `pip install .` builds, with this interpreter's setuptools
+    subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-        + [str(repo), "-w", str(wheels)],
+        + ["--no-index", str(src), "-w", str(wheels)],
         check=True,
         cwd=tmp_path,
     )
-    wheel = next(wheels.glob("ddpo_lite-*.whl"))
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
+    return next(wheels.glob("ddpo_lite-*.whl"))
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_package_and_its_installed_cli_runs(tmp_path):
+    """The wheel holds every module of every package (bench/ included), the presets and their
+    prompt files, the shapes model; installed into a fresh venv, its CLI runs from outside the repo."""
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    wheel = _build_wheel(tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {p.relative_to(repo).as_posix() for p in (repo / "ddpo_lite").rglob("*.py")}
+    expected |= {
+        "ddpo_lite/presets/" + p.relative_to(repo / "presets").as_posix()
+        for p in (repo / "presets").rglob("*")
+        if p.suffix in (".toml", ".txt")
+    }
+    expected |= {
+        p.relative_to(repo).as_posix()
+        for p in (repo / "ddpo_lite" / "models" / "shapes_model").rglob("*")
+        if p.is_file()
+    }
+    assert "ddpo_lite/bench/__init__.py" in expected
+    assert sorted(expected - names) == []
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "ddpo-lite = ddpo_lite.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+    # A venv of its own (not --system-site-packages: inside a venv that sees the base interpreter,
+    # not this one): the wheel goes in first, then a .pth adds this interpreter's site-packages
+    # for the dependencies, after the venv's own, so `import ddpo_lite` finds the wheel's copy.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps"]
+        + ["--no-index", str(wheel)],
+        check=True,
+    )
+    site_dir = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    deps = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    (Path(site_dir) / "_test_dependencies.pth").write_text("\n".join(deps) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def run(*argv: str) -> str:
+        done = subprocess.run(
+            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
     script = (
-        "import ddpo_lite, ddpo_lite.config as c, pathlib;"
+        "import ddpo_lite, ddpo_lite.bench, ddpo_lite.config as c, pathlib;"
         "cfg = c.load_config('aesthetic');"
         "print(ddpo_lite.__file__); print(cfg.prompts.file);"
         "print(len(pathlib.Path(cfg.prompts.file).read_text().splitlines()))"
     )
-    shown = subprocess.run(
-        [str(python), "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    site = str(venv)
-    assert shown[0].startswith(site) and shown[1].startswith(site), shown
+    shown = run(str(python), "-c", script).splitlines()
+    assert shown[0].startswith(site_dir) and shown[1].startswith(site_dir), shown
     assert int(shown[2]) == 46  # 45 animals and a comment line
-    listed = subprocess.run(
-        [str(venv / "bin" / "ddpo-lite"), "presets"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    listed = run(str(venv / "bin" / "ddpo-lite"), "presets")
     assert "aesthetic" in listed and "tiny" in listed
+    estimate = json.loads(
+        run(str(venv / "bin" / "ddpo-lite"), "bench", "--preset", "tiny", "--estimate", "--json")
+    )
+    assert estimate["peak_bytes"] > 0
