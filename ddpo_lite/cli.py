@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ddpo_lite import _quiet
+
+    _quiet.install()  # known-harmless library log lines, before the libraries are imported
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the bench parses its own options (--help included)
         args = argparse.Namespace(func=_bench, bench_args=argv[1:])

@@ -350,3 +350,47 @@ def test_the_wheel_holds_every_package_and_its_installed_cli_runs(tmp_path):
         run(str(venv / "bin" / "ddpo-lite"), "bench", "--preset", "tiny", "--estimate", "--json")
     )
     assert estimate["peak_bytes"] > 0
+
+
+def test_known_harmless_library_lines_are_silenced_and_others_kept(run_dir, tmp_path):
+    """`sample --lora` imports bitsandbytes, transformers' image processors, casts and loads a
+    UNet-only LoRA: none of the known-harmless lines reach stderr; a real warning still would."""
+    import logging
+
+    from ddpo_lite import _quiet
+
+    argv = ["sample", "--lora", str(run_dir / "lora"), "--prompt", "x", "--num", "1"]
+    argv += ["--steps", "2", "--output", str(tmp_path / "s")]
+    done = subprocess.run(
+        [sys.executable, "-m", "ddpo_lite.cli", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    for text in ("gemm_4bit_forward", "requires torchvision", "kept in float32", "No LoRA keys"):
+        assert text not in done.stderr, done.stderr
+
+    _quiet.install()
+
+    def shown(logger: str, message: str) -> bool:
+        record = logging.LogRecord(logger, logging.WARNING, __file__, 0, message, None, None)
+        return bool(logging.getLogger(logger).filter(record))
+
+    fp32 = "diffusers.models.modeling_utils"
+    assert not shown(
+        fp32, "There are modules in UNet2DConditionModel that should be kept in float32: []."
+    )
+    assert shown(
+        fp32, "There are modules in UNet2DConditionModel that should be kept in float32: ['x']."
+    )
+    assert shown(fp32, "something else went wrong")
+    lora = "diffusers.loaders.lora_base"
+    assert not shown(
+        lora, "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'."
+    )
+    assert shown(
+        lora, "No LoRA keys associated to UNet2DConditionModel found with the prefix='unet'."
+    )
+    assert shown("diffusers.other", "No LoRA keys associated to CLIPTextModel found")
