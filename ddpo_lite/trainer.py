@@ -315,7 +315,7 @@ class TrainingLoop:
         self.eval_groups = eval_groups
         self.output_dir = output_dir
         self.metrics_file = output_dir / "metrics.jsonl"
-        self.console = Console(soft_wrap=True)
+        self.console = Console(soft_wrap=True, markup=False)  # paths and reasons print as text
         self.run = build_components(config, accelerator)
         if len(prompts) <= PRELOAD_PROMPTS:
             self.run.encoder.preload(prompts)
@@ -330,7 +330,7 @@ class TrainingLoop:
         self.guard = Guard(config.guard)
         self.baseline_results = None  # the base model's evaluation, for before_after.png
         self.pending_eval: dict[str, float] = {}
-        self.metadata = lora_metadata(config)
+        self.metadata = lora_metadata(config, getattr(reward, "name", None))
         self.result = TrainResult(
             output_dir=output_dir, lora_dir=output_dir / "lora", pipeline=self.run.pipe
         )

@@ -394,3 +394,175 @@ def test_known_harmless_library_lines_are_silenced_and_others_kept(run_dir, tmp_
         lora, "No LoRA keys associated to UNet2DConditionModel found with the prefix='unet'."
     )
     assert shown("diffusers.other", "No LoRA keys associated to CLIPTextModel found")
+
+
+def test_presets_and_rewards_print_their_text_as_written(capsys):
+    """rich would read "[n] [animals]" in the counting description as two tags and print ' '."""
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out
+    assert "'[n] [animals]'" in listed
+    assert "predicted" not in listed  # memory figures come from the estimate, not descriptions
+
+
+def test_more_user_mistakes_are_one_line(tmp_path, capsys, run_dir, monkeypatch):
+    lora = str(run_dir / "lora")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    # a LoRA from another model (tiny:0's LoRA on the shapes model)
+    for argv in (
+        ["sample", "--lora", lora, "--model", "shapes", "--prompt", "x"],
+        ["eval", "--lora", lora, "--model", "shapes", "--prompts", str(prompts)],
+    ):
+        _one_line_error(capsys, argv, "does not fit the UNet of 'shapes'", "tiny:0", "--model")
+    # output paths that are files, or under a file
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    _one_line_error(
+        capsys,
+        ["train", "--preset", "tiny", "--output", str(a_file), *_args(*SHORT)],
+        "is a file",
+    )
+    _one_line_error(
+        capsys, ["sample", "--lora", lora, "--prompt", "x", "--output", str(a_file)], "is a file"
+    )
+    _one_line_error(
+        capsys, ["export", lora, "--output", str(a_file / "k.safetensors")], "is a file"
+    )
+    # read-only folders (as root every folder is writable: os.access answers as for a user)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
+    for argv in (
+        ["train", "--preset", "tiny", "--output", str(read_only / "run"), *_args(*SHORT)],
+        ["sample", "--lora", lora, "--prompt", "x", "--output", str(read_only)],
+        ["export", lora, "--output", str(read_only / "k.safetensors")],
+    ):
+        _one_line_error(capsys, argv, "cannot write in", str(read_only))
+    monkeypatch.undo()
+    # consistent checks: sample refuses what train refuses
+    _one_line_error(
+        capsys, ["sample", "--lora", lora, "--prompt", "x", "--guidance-scale", "-1"], "-1"
+    )
+    _one_line_error(
+        capsys,
+        ["bench", "--model", "sd15-random", "--resolution", "60", "--estimate"],
+        "--resolution 60",
+        "multiple of 8",
+    )
+    # a device this torch cannot use
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _one_line_error(capsys, ["sample", "--lora", lora, "--prompt", "x", "--device", "cuda"], "cuda")
+    _one_line_error(capsys, ["sample", "--lora", lora, "--prompt", "x", "--device", "gpu"], "gpu")
+    monkeypatch.undo()
+    # a port out of range, refused before the reward loads
+    _one_line_error(capsys, ["serve-reward", "jpeg_compressibility", "--port", "99999"], "99999")
+    # config: a non-http reward URL; a LoRA target that names no UNet module (at setup)
+    out = ["--output", str(tmp_path / "run"), *_args(*SHORT)]
+    _one_line_error(
+        capsys,
+        ["train", "--preset", "tiny", *out, *_args("reward.url='localhost:8123'")],
+        "reward.url",
+        "http://HOST:PORT",
+    )
+    err = _one_line_error(
+        capsys,
+        ["train", "--preset", "tiny", *out, *_args("lora.target_modules=['to_q', 'to_qq']")],
+        "'to_qq'",
+        "to_out.0",
+        "proj_in",
+    )
+    assert "'to_q'," not in err  # only the unknown one is named as unknown
+
+
+def test_resume_of_a_run_without_its_checkpoints_refuses(run_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints")
+    before = (copy / "metrics.jsonl").read_text()
+    _one_line_error(capsys, ["train", "--resume", str(copy)], "no checkpoint", "--overwrite")
+    assert (copy / "metrics.jsonl").read_text() == before
+
+
+def test_lora_files_respect_the_umask(run_dir, tmp_path):
+    from ddpo_lite.models.lora import _umask
+
+    mask = _umask()
+    for path in [run_dir / "lora", *(run_dir / "lora").iterdir()]:
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert path.stat().st_mode & 0o777 == want, (path, oct(path.stat().st_mode))
+    kohya = run_dir / "lora_kohya.safetensors"
+    assert kohya.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_overwrite_clears_every_run_file_and_metadata_names_a_weighted_reward(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.copytree(copy / "lora", copy / "best_lora")
+    (copy / "stopped.json").write_text("{}")
+    (copy / "mine.txt").write_text("not a run file")
+    weights = "reward.weights={jpeg_compressibility = 1.0, jpeg_incompressibility = 0.5}"
+    argv = ["train", "--preset", "tiny", "--output", str(copy), "--overwrite", "--quiet"]
+    assert main([*argv, *_args(*SHORT, weights)]) == 0
+    assert not (copy / "best_lora").exists() and not (copy / "stopped.json").exists()
+    assert not (copy / "lora_kohya.safetensors").exists()
+    assert (copy / "mine.txt").is_file()
+    meta = read_lora_metadata(copy / "lora")
+    assert meta["reward"] == "1*jpeg_compressibility + 0.5*jpeg_incompressibility"
+    assert meta["reward_kind"] == "weighted"
+    assert json.loads(meta["reward_config"])["weights"] == {
+        "jpeg_compressibility": 1.0,
+        "jpeg_incompressibility": 0.5,
+    }
+    assert "1*jpeg_compressibility + 0.5*jpeg_incompressibility" in (copy / "README.md").read_text()
+
+
+def test_metadata_names_a_remote_reward_and_a_user_function(tmp_path, capsys):
+    from ddpo_lite.config import load_config
+    from ddpo_lite.run_files import lora_metadata
+    from ddpo_lite.trainer import train
+
+    remote = lora_metadata(load_config("tiny", ["reward.url='http://scorer:8123'"]))
+    assert remote["reward"] == "http://scorer:8123" and remote["reward_kind"] == "remote"
+    assert json.loads(remote["reward_config"])["url"] == "http://scorer:8123"
+
+    def brightness(images, prompts, metadata):
+        return [float(np.asarray(image).mean()) for image in images], {}
+
+    config = load_config("tiny", [*SHORT, "num_epochs=1", f'output_dir="{tmp_path / "run"}"'])
+    result = train(config, brightness, show_progress=False)
+    meta = read_lora_metadata(result.lora_dir)
+    assert meta["reward_kind"] == "function" and meta["reward"].startswith("brightness")
+    assert "reward_config" not in meta
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    argv = ["eval", "--lora", str(result.lora_dir), "--prompts", str(prompts), "--num", "1"]
+    _one_line_error(capsys, argv, "brightness", "--reward")
+
+
+def test_shapes_run_card_code_runs_and_eval_uses_the_runs_settings(tmp_path, capsys):
+    """The model card's Python loads the shipped shapes model and the LoRA and draws an image;
+    `ddpo-lite eval` with no options evaluates as the run did (its num_per_prompt, max_prompts)."""
+    import re
+
+    from ddpo_lite.evaluate import evaluate_lora
+
+    out = tmp_path / "shapes"
+    sets = ["num_epochs=1", "sample.num_steps=2", "sample.num_batches_per_epoch=1"]
+    sets += ["sample.batch_size=4", "train.batch_size=4", "train.gradient_accumulation=1"]
+    sets += ["eval.every=0", "eval.max_prompts=1", "eval.num_per_prompt=3"]
+    argv = ["train", "--preset", "shapes-alignment", "--output", str(out), "--quiet"]
+    assert main([*argv, *_args(*sets)]) == 0
+    card = (out / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert 'load_pipeline("shapes")' in code or "load_pipeline('shapes')" in code
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["image"].size == (32, 32)
+
+    base, tuned = evaluate_lora(out / "lora")
+    assert set(tuned) == {"train", "heldout"}
+    assert all(group.rewards.shape == (1, 3) for group in [*base.values(), *tuned.values()])
+    assert main(["eval", "--lora", str(out / "lora")]) == 0
+    table = capsys.readouterr().out
+    assert "heldout" in table and re.search(r"│\s*3\s*│", table)
