@@ -31,7 +31,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ddpo_lite import __version__
-from ddpo_lite.models.lora import save_lora
+from ddpo_lite.models.lora import respect_umask, save_lora
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"epoch_(\d{4,})")
@@ -200,6 +200,7 @@ def save_checkpoint(
             "version": __version__,
         }
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
+        respect_umask(tmp)  # mkdtemp makes 0700 and safetensors 0600: as any file the user makes
         _fsync_tree(tmp)
         if final.exists():  # re-saving the same epoch (a resumed run): replace it
             shutil.rmtree(final)

@@ -18,12 +18,15 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from ddpo_lite import __version__
 from ddpo_lite.config import ConfigError, list_presets, load_config, preset_path, to_toml
 
 _err = Console(stderr=True, soft_wrap=True)
-_out = Console(soft_wrap=True)
+# no markup on stdout: prompts, paths, preset and reward descriptions print as written
+# ("[n] [animals]" is text, not two rich tags); styles come from Text objects
+_out = Console(soft_wrap=True, markup=False)
 
 
 class UsageError(Exception):
@@ -84,6 +87,12 @@ def _sample(args: argparse.Namespace) -> int:
         raise UsageError("give --lora PATH (or --model NAME to sample the base model)")
     if args.num < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError("--num and --steps must be at least 1")
+    if args.guidance_scale is not None and not args.guidance_scale >= 0:
+        raise UsageError(
+            f"--guidance-scale {args.guidance_scale:g} is invalid: give a number >= 0 "
+            "(1 or 0: no classifier-free guidance)"
+        )
+    _check_device(args.device)
     result = sample(
         args.lora,
         prompts,
@@ -117,8 +126,9 @@ def _eval(args: argparse.Namespace) -> int:
     from ddpo_lite.evaluate import compare, evaluate_lora
 
     files = {Path(f).stem: f for f in args.prompts or []}
-    if args.num < 1:
+    if args.num is not None and args.num < 1:
         raise UsageError("--num must be at least 1")
+    _check_device(args.device)
     base, tuned = evaluate_lora(
         args.lora,
         model=args.model,
@@ -178,7 +188,7 @@ def _presets(args: argparse.Namespace) -> int:
         )
     for name in list_presets():
         data = tomllib.loads(preset_path(name).read_text())
-        _out.print(f"[bold]{name:<20}[/bold] {data.get('description', '')}")
+        _out.print(Text.assemble((f"{name:<20}", "bold"), " ", data.get("description", "")))
     return 0
 
 
@@ -186,8 +196,34 @@ def _rewards(args: argparse.Namespace) -> int:
     from ddpo_lite.rewards import list_rewards
 
     for name, description in list_rewards().items():
-        _out.print(f"[bold]{name:<24}[/bold] {description}")
+        _out.print(Text.assemble((f"{name:<24}", "bold"), " ", description))
     return 0
+
+
+def _check_device(device: str | None) -> None:
+    """A torch device this build and machine have, before any model loads."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device {device!r} is not a torch device; e.g. cpu, cuda, cuda:1"
+        ) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "has no CUDA" if torch.version.cuda is None else "sees no CUDA GPU"
+        raise UsageError(
+            f"--device {device}: this torch build ({torch.__version__}) {why}; use --device cpu"
+        )
+    if kind == "cuda" and torch.device(device).index is not None:
+        if torch.device(device).index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
 
 
 def _quote(text: str) -> str:
@@ -271,8 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a prompt group, one prompt per line (repeatable; default: the preset's [eval])",
     )
     evaluate.add_argument("--reward", help="reward name (default: the one the LoRA trained on)")
-    evaluate.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
-    evaluate.add_argument("--seed", type=int, default=20231, help="prompt j uses seed + j")
+    evaluate.add_argument(
+        "--num", type=int, help="images per prompt (default: the run's eval.num_per_prompt, or 4)"
+    )
+    evaluate.add_argument(
+        "--seed", type=int, help="prompt j uses seed + j (default: the run's eval.seed, or 20231)"
+    )
     evaluate.add_argument("--steps", type=int, help="DDIM steps (default: as trained)")
     evaluate.add_argument("--device", help="torch device (default: cpu)")
     evaluate.set_defaults(func=_eval)
@@ -323,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ddpo_lite import _quiet
+
+    _quiet.install()  # known-harmless library log lines, before the libraries are imported
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the bench parses its own options (--help included)
         args = argparse.Namespace(func=_bench, bench_args=argv[1:])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import tomllib
 import types
 import typing
@@ -217,7 +218,12 @@ class Config:
                 f"a list of {', '.join(map(repr, TRACKERS))}",
             ),
             ("sample.num_steps", s.num_steps >= 1, "an integer >= 1"),
-            ("sample.eta", s.eta >= 0, "a number >= 0 (DDPO needs > 0; the paper uses 1.0)"),
+            (
+                "sample.eta",
+                0 <= s.eta <= 1,
+                "a number in [0, 1] (DDPO needs > 0; the paper uses 1.0; above 1 the step's "
+                "variance exceeds the DDPM posterior's and it is no longer a DDIM step)",
+            ),
             ("sample.guidance_scale", s.guidance_scale >= 0, "a number >= 0"),
             ("sample.batch_size", s.batch_size >= 1, "an integer >= 1"),
             (
@@ -282,6 +288,18 @@ class Config:
             raise ConfigError(
                 f"train.num_inner_epochs = {t.num_inner_epochs}: ddpo-sf is on-policy only and "
                 "takes one optimizer step per epoch; set it to 1 or use ddpo-is"
+            )
+        url = self.reward.url
+        if url and not (url.startswith(("http://", "https://")) and url.split("://", 1)[1]):
+            raise ConfigError(
+                f"reward.url = {url!r} is invalid: give the reward server's address as "
+                "http://HOST:PORT (see `ddpo-lite serve-reward`), or '' to score in-process"
+            )
+        if "wandb" in self.log_with and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "log_with includes 'wandb' but wandb is not installed: "
+                "pip install 'ddpo-lite[wandb]' (then `wandb login`), or set "
+                'log_with = ["tensorboard"]'
             )
         if self.eval.every and not self.eval.prompts:
             raise ConfigError("eval.every is set but eval.prompts names no prompt file")

@@ -7,6 +7,7 @@ and their numbers are comparable; evaluating the same weights twice gives identi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,25 +176,62 @@ def compare(base: dict[str, GroupResult], tuned: dict[str, GroupResult]) -> list
     return rows
 
 
+def run_config_beside(lora: str | Path):
+    """The config of the run that wrote `lora` (its folder OUTPUT/lora or OUTPUT/best_lora, or a
+    file inside one): OUTPUT/config.toml, or None where there is none or it does not load."""
+    from ddpo_lite.config import load_config
+
+    path = Path(lora).expanduser()
+    folder = path if path.is_dir() else path.parent
+    config_file = folder.parent / "config.toml"
+    if not config_file.is_file():
+        return None
+    try:
+        return load_config(str(config_file))
+    except ConfigError:
+        return None
+
+
+def _reward_config(metadata: dict, run, reward_name: str | None):
+    """The reward to score with: `reward_name`, else the one recorded in the LoRA, else its run's."""
+    from ddpo_lite.config import RewardConfig, config_from_dict
+
+    if reward_name:
+        return RewardConfig(name=reward_name)
+    if metadata.get("reward_kind") == "function":
+        raise ConfigError(
+            f"the LoRA was trained on {metadata.get('reward')}, which cannot be rebuilt here: "
+            "pass --reward NAME (a registered reward or 'module:function')"
+        )
+    if metadata.get("reward_config"):
+        return config_from_dict({"reward": json.loads(metadata["reward_config"])}).reward
+    if run is not None:
+        return run.reward
+    return RewardConfig(name=metadata.get("reward", ""))
+
+
 def evaluate_lora(
     lora: str | Path | None,
     *,
     model: str | None = None,
     prompt_files: dict[str, str] | None = None,
     reward_name: str | None = None,
-    num_per_prompt: int = 4,
-    seed: int = 20231,
+    num_per_prompt: int | None = None,
+    seed: int | None = None,
     steps: int | None = None,
     device: str = "cpu",
 ) -> tuple[dict[str, GroupResult], dict[str, GroupResult] | None]:
     """Evaluate the base model and, with `lora`, the tuned one on the same noise.
 
-    Defaults come from the LoRA's metadata (base model, reward, steps, guidance, eta) and its
-    preset's `[eval]` prompt groups. Returns (base results, tuned results or None).
+    Defaults are the run's own: the LoRA's metadata (base model, reward as trained: a weighted
+    sum, a reward server, ...; steps, guidance, eta) and the evaluation settings (`[eval]`
+    prompt groups, num_per_prompt, max_prompts, seed) of the run's config.toml beside the LoRA
+    folder, else of its preset, else 4 images per prompt and seed 20231. Returns (base results,
+    tuned results or None).
     """
     import contextlib
 
-    from ddpo_lite.config import RewardConfig, load_config
+    from ddpo_lite.config import EvalConfig, load_config
     from ddpo_lite.models import load_pipeline
     from ddpo_lite.rewards.compose import build_reward
     from ddpo_lite.sample import load_with_lora
@@ -206,26 +244,31 @@ def evaluate_lora(
         pipe, metadata = load_pipeline(model).to(device), {}
     else:
         raise ConfigError("give a LoRA, or a --model to evaluate the base model alone")
-    if not prompt_files:
-        preset = metadata.get("preset")
+    run = run_config_beside(lora) if lora is not None else None
+    settings_from = run.eval if run is not None else None
+    preset = metadata.get("preset")
+    if settings_from is None and preset:
         try:
-            prompt_files = load_config(preset).eval.prompts if preset else {}
+            settings_from = load_config(preset).eval
         except ConfigError:
-            prompt_files = {}
+            settings_from = None
+    run_eval = settings_from or EvalConfig()
+    max_prompts = 0
+    if not prompt_files:
+        prompt_files = run_eval.prompts
+        max_prompts = run_eval.max_prompts
         if not prompt_files:
             raise ConfigError(
-                "no evaluation prompts: pass --prompts FILE (the LoRA's preset "
-                f"{str(preset or 'unknown')!r} names none)"
+                "no evaluation prompts: pass --prompts FILE (the LoRA's run and its preset "
+                f"{str(preset or 'unknown')!r} name none)"
             )
-    groups = load_groups(prompt_files)
-    reward = build_reward(
-        RewardConfig(name=reward_name or metadata.get("reward", "")), device=device
-    )
+    groups = load_groups(prompt_files, max_prompts)
+    reward = build_reward(_reward_config(metadata, run, reward_name), device=device)
     scheduler = make_scheduler(pipe, steps or int(metadata.get("num_steps", 50)), device)
     encoder = PromptEncoder(pipe, device)
     settings = dict(
-        num_per_prompt=num_per_prompt,
-        seed=seed,
+        num_per_prompt=num_per_prompt or run_eval.num_per_prompt,
+        seed=run_eval.seed if seed is None else seed,
         guidance_scale=float(metadata.get("guidance_scale", 5.0)),
         eta=float(metadata.get("eta", 1.0)),
         autocast=contextlib.nullcontext,

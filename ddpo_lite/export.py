@@ -32,6 +32,8 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import save
 
 from .lora_files import LoraFile, LoraFileError, read_lora_file
+from .models.lora import respect_umask
+from .run_files import check_output_file
 
 __all__ = ["KOHYA_WEIGHT_NAME", "LoraFileError", "export_kohya", "kohya_state_dict"]
 
@@ -168,7 +170,7 @@ def _write_atomic(data: bytes, path: Path) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        respect_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -201,6 +203,7 @@ def export_kohya(lora: str | Path, output: str | Path) -> Path:
         raise LoraFileError(
             f"export output {output} is the LoRA being exported; choose another file"
         )
+    check_output_file(output, "export output")  # before the work, in one line
     kohya, alpha = kohya_state_dict(source)
     output.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(save(kohya, metadata=_kohya_header(source, alpha)), output)

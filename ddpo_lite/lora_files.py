@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from .models.lora import LORA_WEIGHT_NAME
 
-__all__ = ["LoraFile", "LoraFileError", "check_lora_file", "read_lora_file"]
+__all__ = ["LoraFile", "LoraFileError", "check_lora_file", "check_lora_fits", "read_lora_file"]
 
 # <module>.<half>.weight, where half is one of the down (A) / up (B) spellings in use.
 _DIFFUSERS_KEY = re.compile(
@@ -145,6 +145,44 @@ def read_lora_file(path: str | Path) -> LoraFile:
                 )
         lora.modules[module] = (parts[names[0]], parts[names[1]])
     return lora
+
+
+def check_lora_fits(lora: LoraFile, unet: torch.nn.Module, base: str) -> None:
+    """Every UNet module of `lora` exists in `unet` with the LoRA's input and output sizes.
+
+    Raises:
+        LoraFileError: one line naming the first module that is missing or of another size, and
+            the base model the LoRA records (a LoRA for another model).
+    """
+    modules = dict(unet.named_modules())
+    if lora.format == "kohya":
+        by_name = {"lora_unet_" + n.replace(".", "_"): n for n in modules}
+    else:
+        by_name = {"unet." + n: n for n in modules}
+    trained_on = lora.header.get("ddpo_lite.base_model")
+    hint = f"it was trained on {trained_on!r}" if trained_on else "a LoRA for another model?"
+    for name, (down_key, up_key) in sorted(lora.modules.items()):
+        if lora.format == "kohya" and not name.startswith("lora_unet_"):
+            continue  # text-encoder modules: not the UNet's
+        if lora.format == "diffusers" and not name.startswith("unet."):
+            continue
+        module = modules.get(by_name.get(name, ""))
+        if module is None:
+            raise LoraFileError(
+                f"LoRA {lora.path} does not fit the UNet of {base!r}: it has no module "
+                f"{name.removeprefix('unet.')} ({hint}); pass that model with --model"
+            )
+        weight = getattr(module, "weight", None)
+        down, up = lora.tensors[down_key], lora.tensors[up_key]
+        if weight is None or weight.ndim < 2:
+            continue
+        want_in, want_out = int(weight.shape[1]), int(weight.shape[0])
+        if int(down.shape[1]) != want_in or int(up.shape[0]) != want_out:
+            raise LoraFileError(
+                f"LoRA {lora.path} does not fit the UNet of {base!r}: its "
+                f"{name.removeprefix('unet.')} maps {down.shape[1]} -> {up.shape[0]} features, "
+                f"the model's {want_in} -> {want_out} ({hint}); pass that model with --model"
+            )
 
 
 def check_lora_file(path: str | Path) -> Path:

@@ -3,13 +3,15 @@ the LoRA's metadata and the model card."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
 from ddpo_lite import __version__
 from ddpo_lite.checkpoint import CHECKPOINTS, latest_checkpoint
-from ddpo_lite.config import Config, ConfigError
+from ddpo_lite.config import Config, ConfigError, RewardConfig
 
 
 class RunExistsError(ConfigError):
@@ -22,8 +24,12 @@ RUN_FILES = (
     "metrics.jsonl",
     "README.md",
     "lora",
+    "best_lora",
     "samples",
     "logs",
+    "stopped.json",
+    "eval_baseline.json",
+    "lora_kohya.safetensors",
     CHECKPOINTS,
 )
 
@@ -32,18 +38,61 @@ def holds_run(output_dir: Path) -> bool:
     return any((output_dir / name).exists() for name in RUN_FILES)
 
 
+def check_output_folder(path: str | Path, what: str = "--output") -> Path:
+    """Refuse, in one line, a folder that cannot be written: `path` is a file, sits under one, or
+    its nearest existing folder is read-only. Nothing is created."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a file, not a folder: choose a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{what} {str(path)!r}: {str(existing)!r} is a file, so no folder can be made under "
+            "it; choose another folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{what} {str(path)!r}: cannot write in {str(existing)!r} (read-only or not yours); "
+            "choose another folder"
+        )
+    return path
+
+
+def check_output_file(path: str | Path, what: str = "--output") -> Path:
+    """As `check_output_folder`, for a file about to be written (or replaced) at `path`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a folder; give a file name")
+    check_output_folder(path.parent, what=f"{what} {str(path)!r}: its folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} {str(path)!r} is read-only; choose another file")
+    return path
+
+
 def prepare_output(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     """Check the output folder against resume/overwrite; returns the checkpoint to resume from.
 
     A new run refuses a folder that holds one. `overwrite` deletes the previous run's files
-    (only those in `RUN_FILES`). `resume` of a run that never reached a checkpoint starts it over.
+    (only those in `RUN_FILES`). `resume` of a run that never reached a checkpoint starts it
+    over; of a run that saved a LoRA but has no checkpoint (deleted: the two are saved together),
+    it refuses, since starting over would replace the LoRA and the metrics.
     """
     if resume and overwrite:
         raise ConfigError("resume and overwrite exclude each other: choose one")
+    check_output_folder(output_dir, "output folder (--output / output_dir)")
     if resume:
         if not holds_run(output_dir):
             raise ConfigError(f"nothing to resume: {str(output_dir)!r} holds no ddpo-lite run")
-        return latest_checkpoint(output_dir)
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None and (output_dir / "lora").exists():
+            raise ConfigError(
+                f"cannot resume {str(output_dir)!r}: it has a LoRA and metrics but no checkpoint "
+                f"in {CHECKPOINTS}/ to continue from; --overwrite starts it over (replacing "
+                "them), or train into another --output"
+            )
+        return checkpoint
     if holds_run(output_dir):
         if not overwrite:
             raise RunExistsError(
@@ -103,22 +152,54 @@ def metrics_before(path: Path, epoch: int) -> list[dict]:
     return rows
 
 
-def lora_metadata(config: Config) -> dict:
-    """What a saved LoRA records about its run: enough for `ddpo-lite sample` to rebuild it."""
+def reward_label(reward: RewardConfig) -> str:
+    """The reward a `[reward]` section builds, in words: its name, a weighted sum
+    ("1*aesthetic + 0.1*jpeg_compressibility") or the reward server's URL."""
+    if reward.url:
+        return reward.url
+    if reward.weights:
+        return " + ".join(f"{w:g}*{n}" for n, w in reward.weights.items())
+    return reward.name
+
+
+def lora_metadata(config: Config, reward_name: str | None = None) -> dict:
+    """What a saved LoRA records about its run: enough for `ddpo-lite sample` to rebuild it, and
+    for `ddpo-lite eval` to score it with the reward it was trained on.
+
+    `reward_name` is the name of the reward the run used (the trainer's reward callable); one
+    other than the `[reward]` section's is a Python function given to `train(reward_fn=...)`.
+    `reward` says in words what was used; `reward_kind` is one of "registered", "user"
+    ('module:function' or 'file.py:function'), "weighted", "remote" or "function";
+    `reward_config` is the `[reward]` section as JSON, except for a "function".
+    """
     base = config.model.name
     if base == "tiny":  # the seed is part of the tiny model's identity
         base = f"tiny:{config.model.seed}"
-    return {
+    section = config.reward
+    label = reward_label(section)
+    if reward_name is not None and reward_name != label:
+        kind, label = "function", f"{reward_name} (a Python function given to train())"
+    elif section.url:
+        kind = "remote"
+    elif section.weights:
+        kind = "weighted"
+    else:
+        kind = "user" if ":" in section.name else "registered"
+    metadata = {
         "base_model": base,
         "rank": config.lora.rank,
         "alpha": config.lora.alpha,
         "preset": config.preset,
-        "reward": config.reward.name,
+        "reward": label,
+        "reward_kind": kind,
         "num_steps": config.sample.num_steps,
         "guidance_scale": config.sample.guidance_scale,
         "eta": config.sample.eta,
         "version": __version__,
     }
+    if kind != "function":
+        metadata["reward_config"] = json.dumps(dataclasses.asdict(section), sort_keys=True)
+    return metadata
 
 
 def _best_line(output_dir: Path) -> str:
@@ -133,6 +214,15 @@ def _best_line(output_dir: Path) -> str:
     )
 
 
+def _first_prompt(config: Config) -> str:
+    """A prompt the run trained on (the first of its file, or of its list)."""
+    file = Path(config.prompts.file) if config.prompts.file else None
+    if file is not None and file.is_file():
+        lines = (line.strip() for line in file.read_text().splitlines())
+        return next((line for line in lines if line and not line.startswith("#")), "a cat")
+    return config.prompts.prompts[0] if config.prompts.prompts else "a cat"
+
+
 def write_model_card(
     output_dir: Path, config: Config, metadata: dict, epochs_done: int, metrics: list[dict]
 ) -> None:
@@ -144,14 +234,17 @@ def write_model_card(
         f"{last.get('reward_mean', float('nan')):.4g} (epoch {epochs_done})"
     )
     base = metadata["base_model"]
-    if base.startswith("tiny"):  # built offline by ddpo-lite, not a hub id
-        load_line = f'from ddpo_lite.models import load_pipeline\n\npipe = load_pipeline("{base}")'
+    if base.startswith("tiny") or base == "shapes":  # built or shipped by ddpo-lite, not hub ids
+        load_line = f"from ddpo_lite.models import load_pipeline\n\npipe = load_pipeline({base!r})"
     else:
-        load_line = f'pipe = StableDiffusionPipeline.from_pretrained("{base}")'
+        load_line = (
+            "from diffusers import StableDiffusionPipeline\n\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained({base!r})"
+        )
     text = f"""# ddpo-lite LoRA: {config.preset or "custom config"}
 
 A LoRA for the UNet of `{base}`, fine-tuned with DDPO ({config.train.algorithm}) by
-ddpo-lite {__version__} for the reward `{config.reward.name}`.
+ddpo-lite {__version__} for the reward `{metadata["reward"]}`.
 
 - epochs: {epochs_done} of {config.num_epochs}
 - reward mean: {rewards}
@@ -164,11 +257,9 @@ guidance {config.sample.guidance_scale}
 ## Load it
 
 ```python
-from diffusers import StableDiffusionPipeline
-
 {load_line}
-pipe.load_lora_weights("{output_dir / "lora"}")
-image = pipe("{config.prompts.prompts[0] if config.prompts.prompts else "a cat"}",
+pipe.load_lora_weights({str(output_dir / "lora")!r})
+image = pipe({_first_prompt(config)!r},
              num_inference_steps={config.sample.num_steps},
              guidance_scale={config.sample.guidance_scale}).images[0]
 ```

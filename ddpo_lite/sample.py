@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from ddpo_lite.grid import make_grid
-from ddpo_lite.lora_files import LoraFileError, check_lora_file
+from ddpo_lite.lora_files import LoraFileError, check_lora_fits, read_lora_file
 from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import read_lora_metadata
+from ddpo_lite.run_files import check_output_folder
 
 
 @dataclass
@@ -51,7 +52,8 @@ def load_with_lora(lora: str | Path, model: str | None = None, device: str | Non
     Checks that every module in the file was attached: a LoRA whose keys do not match the UNet
     is an error, not a silent no-op.
     """
-    file = check_lora_file(lora)
+    lora_file = read_lora_file(lora)
+    file = lora_file.path
     metadata = read_lora_metadata(file)
     base = model or metadata.get("base_model")
     if not base:
@@ -60,6 +62,7 @@ def load_with_lora(lora: str | Path, model: str | None = None, device: str | Non
             "pass --model"
         )
     pipe = load_pipeline(base)
+    check_lora_fits(lora_file, pipe.unet, base)  # a LoRA for another model: one line, not peft's
     pipe.load_lora_weights(str(file.parent), weight_name=file.name)
     from safetensors import safe_open
 
@@ -102,6 +105,8 @@ def sample(
     Steps, guidance and eta default to the ones the LoRA was trained with. With `output`, writes
     each image as PNG and a grid with the prompts under the images.
     """
+    if output is not None:
+        check_output_folder(output)  # before the model loads
     if lora is not None:
         pipe, metadata = load_with_lora(lora, model, device)
     else:

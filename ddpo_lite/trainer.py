@@ -29,7 +29,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import DDIMScheduler
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -295,10 +294,10 @@ def train(
     output_dir = Path(config.output_dir)
     checkpoint = prepare_output(output_dir, resume, overwrite)
     accelerator = make_accelerator(config)
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, markup=False)  # paths and reasons print as text
     enabled = show_progress and accelerator.is_main_process and console.is_terminal
     loading = f"loading the model {config.model.name!r} and the reward"
-    with console.status(escape(loading)) if enabled else contextlib.nullcontext():
+    with console.status(loading) if enabled else contextlib.nullcontext():
         reward = (
             CheckedReward(reward_fn, getattr(reward_fn, "__name__", "reward_fn"))
             if reward_fn is not None
@@ -354,7 +353,7 @@ class TrainingLoop:
         self.eval_groups = eval_groups
         self.output_dir = output_dir
         self.metrics_file = output_dir / "metrics.jsonl"
-        self.console = console or Console(soft_wrap=True)
+        self.console = console or Console(soft_wrap=True, markup=False)  # text prints as text
         self.progress: Progress | None = None  # train() sets it: evaluations show a bar too
         self.run = build_components(config, accelerator)
         if len(prompts) <= PRELOAD_PROMPTS:
@@ -370,7 +369,7 @@ class TrainingLoop:
         self.guard = Guard(config.guard)
         self.baseline_results = None  # the base model's evaluation, for before_after.png
         self.pending_eval: dict[str, float] = {}
-        self.metadata = lora_metadata(config)
+        self.metadata = lora_metadata(config, getattr(reward, "name", None))
         self.result = TrainResult(
             output_dir=output_dir, lora_dir=output_dir / "lora", pipeline=self.run.pipe
         )

@@ -50,6 +50,10 @@ def test_override_parsing():
         ("train.algorithm='ppo'", "train.algorithm"),
         ("memory.attention='flash'", "memory.attention"),
         ("sample.eta=0", "sample.eta"),  # deterministic sampler: no log-prob for ddpo-is
+        ("sample.eta=1.5", "sample.eta"),  # above 1: no longer a DDIM step
+        ("reward.url='localhost:8123'", "reward.url"),
+        ("reward.url='ftp://host:1'", "reward.url"),
+        ("reward.url='http://'", "reward.url"),
     ],
 )
 def test_invalid_values_name_the_field(override, field):
@@ -57,7 +61,38 @@ def test_invalid_values_name_the_field(override, field):
         load_config("tiny", [override])
     message = str(err.value)
     assert field in message
-    assert "expected" in message or "needs" in message
+    assert "expected" in message or "needs" in message or "http://HOST:PORT" in message
+
+
+def test_every_preset_loads_with_no_stale_figures_in_its_description():
+    """Every shipped preset (found from the list, so a new one is covered) loads and validates;
+    its one-line description carries no memory figure (those come from the estimate)."""
+    import re
+    import tomllib
+
+    from ddpo_lite.config import preset_path
+
+    names = list_presets()
+    assert len(names) >= 9
+    for name in names:
+        config = load_config(name)
+        assert config.preset == name
+        description = tomllib.loads(preset_path(name).read_text())["description"]
+        assert description and not re.search(r"\d+(\.\d+)?\s*(GiB|MiB|GB predicted)", description)
+        assert "predicted" not in description, (name, description)
+
+
+def test_wandb_without_wandb_installed_is_refused(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"wandb is not installed.*ddpo-lite\[wandb\]"):
+        load_config("tiny", ['log_with=["wandb"]'])
+    assert load_config("tiny", ['log_with=["tensorboard"]']).log_with == ["tensorboard"]
+    assert load_config("tiny", ["reward.url='https://scorer:8123'"]).reward.url
 
 
 def test_range_is_in_the_message():

@@ -80,6 +80,11 @@ def test_checkpoint_restores_optimizer_and_tracker(tmp_path):
     restored = optimizer.state_dict()["state"]
     assert len(restored) == len({k.split("/")[0] for k in saved})
     torch.testing.assert_close(restored[0]["exp_avg"], saved["0/exp_avg"])
+    # the checkpoint's folder and files have the permissions the umask gives, not 0700 / 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert checkpoint.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (checkpoint / "state.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_output_folder_with_a_run_is_refused(tmp_path):

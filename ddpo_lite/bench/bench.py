@@ -87,8 +87,12 @@ def _config(args) -> Config:
     config = load_config(args.preset, overrides)
     if args.epochs < 1:
         raise ConfigError(f"--epochs {args.epochs} is invalid: give at least 1")
-    if args.model == SD15_RANDOM and (args.resolution < 64 or args.resolution % 64):
-        raise ConfigError(f"--resolution {args.resolution}: give a multiple of 64, e.g. 64 or 512")
+    # the latent is 1/8 of the image; diffusers' UNet takes any latent size (it passes the skip
+    # connections' sizes to its upsamplers), so the image side is a multiple of 8 (sd15.py checks it)
+    if args.model == SD15_RANDOM and (args.resolution < 64 or args.resolution % 8):
+        raise ConfigError(
+            f"--resolution {args.resolution}: give a multiple of 8 of at least 64, e.g. 64 or 512"
+        )
     return config
 
 
@@ -113,7 +117,7 @@ def _emit(args, result: dict, table) -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        table(Console(soft_wrap=True), result)
+        table(Console(soft_wrap=True, markup=False), result)  # model names and paths as text
 
 
 # ---------------------------------------------------------------------------------------------

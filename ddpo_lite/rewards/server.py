@@ -470,14 +470,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Serve as `args` say; one line on stderr and exit status 2 for a user's mistake."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if not 0 <= args.port <= 65535:  # checked before a reward model loads
+        print(
+            f"error: --port {args.port} is invalid: give 1-65535, or 0 for a free port",
+            file=sys.stderr,
+        )
+        return 2
+    if args.max_request_mb <= 0 or (args.max_batch is not None and args.max_batch < 1):
+        print("error: --max-request-mb must be > 0 and --max-batch >= 1", file=sys.stderr)
+        return 2
     options = {k: v for k, v in (("device", args.device), ("model", args.model)) if v is not None}
     try:
         reward = get_reward(args.name, **options)
     except (UnknownRewardError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.max_request_mb <= 0 or (args.max_batch is not None and args.max_batch < 1):
-        print("error: --max-request-mb must be > 0 and --max-batch >= 1", file=sys.stderr)
         return 2
     try:
         serve(
@@ -488,9 +494,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             name=args.name,
         )
-    except OSError as err:
+    except (OSError, OverflowError) as err:  # OverflowError: socket's own port range check
         print(
-            f"error: cannot listen on {args.host}:{args.port}: {err.strerror or err}",
+            f"error: cannot listen on {args.host}:{args.port}: {getattr(err, 'strerror', None) or err}",
             file=sys.stderr,
         )
         return 2
