@@ -175,13 +175,14 @@ def save_checkpoint(
     lora_metadata: dict[str, Any],
     keep: int = 2,
     extra: dict[str, Any] | None = None,
+    family=None,
 ) -> Path:
     """Write the checkpoint for `epoch` completed epochs atomically; keep the latest `keep`."""
     final = checkpoint_dir(output_dir, epoch)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        save_lora(unet, tmp / "lora", lora_metadata)
+        save_lora(unet, tmp / "lora", lora_metadata, family)
         adapter = {
             k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()
         }

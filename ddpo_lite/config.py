@@ -35,6 +35,9 @@ class ModelConfig:
     in the package), a local diffusers folder or a hub id."""
     seed: int = 0
     """Seed of the offline tiny model's weights (only for name = 'tiny')."""
+    family: str = "auto"
+    """'auto' (from the model's model_index.json), 'sd1' (Stable Diffusion 1.x and 2.x) or
+    'sdxl' (Stable Diffusion XL)."""
 
 
 @dataclass
@@ -54,6 +57,9 @@ class SampleConfig:
     batch_size: int = 8
     """Images per sampling batch on each process."""
     num_batches_per_epoch: int = 4
+    resolution: int = 0
+    """Image side in pixels, a multiple of 8; 0 = the model's native size (512 for SD 1.5, 768
+    for SD 2.x, 1024 for SDXL). Smaller sizes save memory and time."""
     group_size: int = 1
     """Images per (prompt, starting noise) group. With > 1, each group's images share their
     prompt and initial latent, and each image's baseline is the mean reward of the rest of its
@@ -227,6 +233,16 @@ class Config:
             ("sample.guidance_scale", s.guidance_scale >= 0, "a number >= 0"),
             ("sample.batch_size", s.batch_size >= 1, "an integer >= 1"),
             (
+                "sample.resolution",
+                s.resolution >= 0 and s.resolution % 8 == 0,
+                "a multiple of 8 (pixels), or 0 for the model's native size",
+            ),
+            (
+                "model.family",
+                self.model.family in ("auto", *FAMILIES),
+                f"'auto' or one of {', '.join(map(repr, FAMILIES))}",
+            ),
+            (
                 "sample.group_size",
                 s.group_size >= 1 and s.batch_size % s.group_size == 0,
                 f"an integer >= 1 dividing sample.batch_size ({s.batch_size})",
@@ -315,6 +331,7 @@ class Config:
 
 
 ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr")
+FAMILIES = ("sd1", "sdxl")  # ddpo_lite.families.FAMILY_NAMES
 TRACKERS = ("tensorboard", "wandb")
 PRECISIONS = ("no", "fp16", "bf16")
 ATTENTIONS = ("sdpa", "xformers", "math")

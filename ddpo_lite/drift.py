@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddpo_lite.sampling import Trajectory, ddim_kl, predict_noise
+from ddpo_lite.policy import Policy
+from ddpo_lite.sampling import Trajectory
 
 
 @contextlib.contextmanager
@@ -33,15 +34,7 @@ def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def trajectory_kl(
-    unet: torch.nn.Module,
-    scheduler,
-    trajectory: Trajectory,
-    guidance_scale: float,
-    eta: float,
-    autocast,
-    max_samples: int = 4,
-) -> torch.Tensor:
+def trajectory_kl(policy: Policy, trajectory: Trajectory, max_samples: int = 4) -> torch.Tensor:
     """KL(policy || base) summed over the denoising steps of the first `max_samples` sampled
     trajectories, shape (n,); each step's KL is averaged over latent elements."""
     n = min(max_samples, len(trajectory))
@@ -49,15 +42,10 @@ def trajectory_kl(
     total = torch.zeros(n, device=part.latents.device)
     for step in range(part.latents.shape[1]):
         x_t, t = part.latents[:, step], part.timesteps[:, step]
-        with autocast():
-            policy = predict_noise(
-                unet, x_t, t, part.prompt_embeds, part.negative_embeds, guidance_scale
-            )
-            with adapters_disabled(unet):
-                base = predict_noise(
-                    unet, x_t, t, part.prompt_embeds, part.negative_embeds, guidance_scale
-                )
-        total += ddim_kl(scheduler, policy, base, t, x_t, eta)
+        policy_output = policy.predict(x_t, t, part.cond, part.negative)
+        with adapters_disabled(policy.denoiser):
+            base_output = policy.predict(x_t, t, part.cond, part.negative)
+        total += policy.sampler.kl(policy_output, base_output, t, x_t)
     return total
 
 

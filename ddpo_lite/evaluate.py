@@ -7,6 +7,7 @@ and their numbers are comparable; evaluating the same weights twice gives identi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch
 from ddpo_lite.config import ConfigError
 from ddpo_lite.drift import diversity
 from ddpo_lite.grid import make_grid
+from ddpo_lite.policy import Policy
 from ddpo_lite.sampling import rollout
 
 
@@ -60,38 +62,26 @@ class GroupResult:
 
 @torch.no_grad()
 def evaluate(
-    pipe,
-    unet: torch.nn.Module,
-    encoder,
-    scheduler,
+    policy: Policy,
     groups: dict[str, list[str]],
     reward,
     *,
     num_per_prompt: int,
     seed: int,
-    guidance_scale: float,
-    eta: float,
-    autocast,
     advance: Callable[[], None] = lambda: None,
 ) -> dict[str, GroupResult]:
-    """Sample `num_per_prompt` images per prompt of every group with fixed noise and score them;
-    `advance` is called after each prompt (a progress bar's step)."""
+    """Sample `num_per_prompt` images per prompt of every group from `policy` with fixed noise
+    and score them; `advance` is called after each prompt (a progress bar's step)."""
     results = {}
     for name, prompts in groups.items():
         rewards, images, all_images, all_prompts = [], [], [], []
         for j, prompt in enumerate(prompts):
             texts = [prompt] * num_per_prompt
             batch, _ = rollout(
-                pipe,
-                unet,
-                encoder,
+                policy,
                 texts,
                 torch.zeros(num_per_prompt, dtype=torch.long),
-                scheduler=scheduler,
-                guidance_scale=guidance_scale,
-                eta=eta,
-                generator=torch.Generator().manual_seed(seed + j),
-                autocast=autocast,
+                torch.Generator().manual_seed(seed + j),
             )
             values, _ = reward(batch, texts, [{} for _ in batch])
             rewards.append(np.asarray(values, dtype=np.float64))
@@ -229,14 +219,11 @@ def evaluate_lora(
     folder, else of its preset, else 4 images per prompt and seed 20231. Returns (base results,
     tuned results or None).
     """
-    import contextlib
-
-    from ddpo_lite.config import EvalConfig, load_config
+    from ddpo_lite.config import Config, EvalConfig, load_config
     from ddpo_lite.models import load_pipeline
     from ddpo_lite.rewards.compose import build_reward
     from ddpo_lite.sample import load_with_lora
-    from ddpo_lite.sampling import PromptEncoder
-    from ddpo_lite.trainer import make_scheduler
+    from ddpo_lite.trainer import make_policy
 
     if lora is not None:
         pipe, metadata = load_with_lora(lora, model, device)
@@ -264,19 +251,21 @@ def evaluate_lora(
             )
     groups = load_groups(prompt_files, max_prompts)
     reward = build_reward(_reward_config(metadata, run, reward_name), device=device)
-    scheduler = make_scheduler(pipe, steps or int(metadata.get("num_steps", 50)), device)
-    encoder = PromptEncoder(pipe, device)
+    sampling = Config()  # the run's sampling settings: from its LoRA's metadata
+    sampling.sample.num_steps = steps or int(metadata.get("num_steps", 50))
+    sampling.sample.guidance_scale = float(metadata.get("guidance_scale", 5.0))
+    sampling.sample.eta = float(metadata.get("eta", 1.0))
+    sampling.sample.resolution = int(metadata.get("resolution", 0))
+    sampling.memory.offload_text_encoder = False
+    policy = make_policy(pipe, sampling, device, autocast=contextlib.nullcontext)
     settings = dict(
         num_per_prompt=num_per_prompt or run_eval.num_per_prompt,
         seed=run_eval.seed if seed is None else seed,
-        guidance_scale=float(metadata.get("guidance_scale", 5.0)),
-        eta=float(metadata.get("eta", 1.0)),
-        autocast=contextlib.nullcontext,
     )
     if lora is None:
-        return evaluate(pipe, pipe.unet, encoder, scheduler, groups, reward, **settings), None
+        return evaluate(policy, groups, reward, **settings), None
     pipe.disable_lora()
-    base = evaluate(pipe, pipe.unet, encoder, scheduler, groups, reward, **settings)
+    base = evaluate(policy, groups, reward, **settings)
     pipe.enable_lora()
-    tuned = evaluate(pipe, pipe.unet, encoder, scheduler, groups, reward, **settings)
+    tuned = evaluate(policy, groups, reward, **settings)
     return base, tuned

@@ -173,8 +173,8 @@ def lora_metadata(config: Config, reward_name: str | None = None) -> dict:
     `reward_config` is the `[reward]` section as JSON, except for a "function".
     """
     base = config.model.name
-    if base == "tiny":  # the seed is part of the tiny model's identity
-        base = f"tiny:{config.model.seed}"
+    if base in ("tiny", "tiny-sdxl"):  # the seed is part of the tiny models' identity
+        base = f"{base}:{config.model.seed}"
     section = config.reward
     label = reward_label(section)
     if reward_name is not None and reward_name != label:

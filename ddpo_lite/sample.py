@@ -61,7 +61,18 @@ def load_with_lora(lora: str | Path, model: str | None = None, device: str | Non
             f"LoRA {str(file)!r} does not record its base model (not made by ddpo-lite?): "
             "pass --model"
         )
-    pipe = load_pipeline(base)
+    pipe = load_pipeline(base, family="auto" if model else metadata.get("family", "auto"))
+    trained_on = metadata.get("family")
+    if trained_on:
+        from ddpo_lite.families import family_of
+
+        family = family_of(pipe).name
+        if family != trained_on:
+            raise LoraFileError(
+                f"LoRA {str(file)!r} was trained on a {trained_on} model and {base!r} is "
+                f"{family}: a LoRA only loads onto its own model family (drop --model, or pass "
+                f"a {trained_on} model)"
+            )
     check_lora_fits(lora_file, pipe.unet, base)  # a LoRA for another model: one line, not peft's
     pipe.load_lora_weights(str(file.parent), weight_name=file.name)
     from safetensors import safe_open
@@ -121,6 +132,7 @@ def sample(
     )
     eta = eta if eta is not None else float(metadata.get("eta", 1.0))
 
+    size = int(metadata.get("resolution", 0)) or None  # as trained (None: the model's own)
     result = SampleResult()
     for prompt in prompts:
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num)]
@@ -131,6 +143,8 @@ def sample(
             guidance_scale=guidance_scale,
             eta=eta,
             generator=generators,
+            height=size,
+            width=size,
         ).images
         result.images += images
         result.prompts += [prompt] * num

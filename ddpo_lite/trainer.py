@@ -51,11 +51,13 @@ from ddpo_lite.evaluate import (
     save_before_after_grid,
     save_eval_grid,
 )
+from ddpo_lite.families import family_of
 from ddpo_lite.grid import make_grid
 from ddpo_lite.guard import Guard
 from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import attach_lora, save_lora
 from ddpo_lite.models.memory import apply_memory_settings
+from ddpo_lite.policy import Policy
 from ddpo_lite.rewards.compose import CheckedReward, RewardError, build_reward
 from ddpo_lite.run_files import (
     epoch_summary,
@@ -64,11 +66,8 @@ from ddpo_lite.run_files import (
     prepare_output,
     write_model_card,
 )
-from ddpo_lite.sampling import (
-    PromptEncoder,
-    Trajectory,
-    rollout,
-)
+from ddpo_lite.samplers.ddim import DDIMSampler
+from ddpo_lite.sampling import PromptEncoder, Trajectory, rollout
 from ddpo_lite.update import optimizer_steps, update
 
 
@@ -183,41 +182,68 @@ def make_scheduler(pipe, num_steps: int, device) -> DDIMScheduler:
     return scheduler
 
 
+def make_policy(pipe, config: Config, device, autocast, denoiser=None) -> Policy:
+    """The policy a config samples with: its family, DDIM sampler, cached prompt encoder."""
+    family = family_of(pipe)
+    resolution = config.sample.resolution or family.native_resolution(pipe)
+    encoder = PromptEncoder(
+        pipe,
+        device,
+        config.prompts.negative_prompt,
+        config.memory.offload_text_encoder,
+        family=family,
+        resolution=resolution,
+    )
+    return Policy(
+        family=family,
+        pipe=pipe,
+        denoiser=denoiser if denoiser is not None else pipe.unet,
+        sampler=DDIMSampler(
+            make_scheduler(pipe, config.sample.num_steps, device), config.sample.eta
+        ),
+        encoder=encoder,
+        guidance_scale=config.sample.guidance_scale,
+        autocast=autocast,
+        resolution=resolution,
+    )
+
+
 @dataclass
 class Components:
-    """The pieces of a run, set up from a config: the policy twice (DDP-wrapped for the update,
-    plain for sampling; one set of weights), the optimizer, the scheduler, the prompt encoder."""
+    """The pieces of a run, set up from a config: the policy (sampling with the plain denoiser)
+    and the same denoiser DDP-wrapped for the update (one set of weights), the optimizer."""
 
     pipe: object
-    unet: torch.nn.Module
-    policy: torch.nn.Module
+    model: torch.nn.Module
+    """The denoiser as the optimizer sees it (DDP-wrapped under several processes)."""
+    policy: Policy
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
-    scheduler: DDIMScheduler
-    encoder: PromptEncoder
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The LoRA'd denoiser, unwrapped (what is saved and loaded)."""
+        return self.policy.denoiser
 
 
 def build_components(config: Config, accelerator: Accelerator) -> Components:
     """Load the pipeline, apply the memory levers, attach the LoRA, prepare for accelerate."""
     device = accelerator.device
     with accelerator.main_process_first():  # one process writes caches, the others read them
-        pipe = load_pipeline(config.model.name, seed=config.model.seed)
+        pipe = load_pipeline(config.model.name, seed=config.model.seed, family=config.model.family)
     apply_memory_settings(pipe, config.memory, device)
     torch.manual_seed(config.seed)  # the LoRA's initial A matrices (B starts at zero)
     params = attach_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
     optimizer = make_optimizer(params, config.train, config.memory.use_8bit_adam, device)
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    model, optimizer = accelerator.prepare(pipe.unet, optimizer)
     pipe.unet.eval()
     return Components(
         pipe=pipe,
-        unet=unet,
-        policy=pipe.unet,  # the same module, unwrapped: sampling needs no gradient sync
+        model=model,
+        # the same module, unwrapped: sampling needs no gradient sync
+        policy=make_policy(pipe, config, device, accelerator.autocast),
         optimizer=optimizer,
         params=params,
-        scheduler=make_scheduler(pipe, config.sample.num_steps, device),
-        encoder=PromptEncoder(
-            pipe, device, config.prompts.negative_prompt, config.memory.offload_text_encoder
-        ),
     )
 
 
@@ -357,7 +383,7 @@ class TrainingLoop:
         self.progress: Progress | None = None  # train() sets it: evaluations show a bar too
         self.run = build_components(config, accelerator)
         if len(prompts) <= PRELOAD_PROMPTS:
-            self.run.encoder.preload(prompts)
+            self.run.policy.encoder.preload(prompts)
         self.tracker = (
             PerPromptStatTracker(config.advantages.buffer_size, config.advantages.min_count)
             if config.advantages.per_prompt_stat_tracking
@@ -370,6 +396,8 @@ class TrainingLoop:
         self.baseline_results = None  # the base model's evaluation, for before_after.png
         self.pending_eval: dict[str, float] = {}
         self.metadata = lora_metadata(config, getattr(reward, "name", None))
+        self.metadata["family"] = self.run.policy.family.name
+        self.metadata["resolution"] = self.run.policy.resolution
         self.result = TrainResult(
             output_dir=output_dir, lora_dir=output_dir / "lora", pipeline=self.run.pipe
         )
@@ -380,7 +408,7 @@ class TrainingLoop:
 
     def restore(self, checkpoint: Path) -> int:
         """Load a checkpoint into the run; returns the epoch to continue with."""
-        state = load_checkpoint(checkpoint, unet=self.run.policy, optimizer=self.run.optimizer)
+        state = load_checkpoint(checkpoint, unet=self.run.denoiser, optimizer=self.run.optimizer)
         accelerator = self.accelerator
         if len(state.generator_states) != accelerator.num_processes:
             raise ConfigError(
@@ -453,10 +481,10 @@ class TrainingLoop:
         progress.update(task, description=f"{label} training", completed=0, total=total)
         stats = update(
             accelerator,
-            run.unet,
+            run.policy,
+            run.model,
             run.optimizer,
             run.params,
-            run.scheduler,
             sanitize(trajectory, scored.valid),
             scored.weights,
             scored.valid,
@@ -500,15 +528,7 @@ class TrainingLoop:
         config = self.config
         row = {"diversity": diversity(samples.images, samples.prompts)}
         if config.guard.kl_samples:
-            kl = trajectory_kl(
-                self.run.policy,
-                self.run.scheduler,
-                samples.trajectory,
-                config.sample.guidance_scale,
-                config.sample.eta,
-                self.accelerator.autocast,
-                config.guard.kl_samples,
-            )
+            kl = trajectory_kl(self.run.policy, samples.trajectory, config.guard.kl_samples)
             row["kl_to_base"] = float(kl.mean())
         return row
 
@@ -526,21 +546,15 @@ class TrainingLoop:
             )
             evaluate_policy = functools.partial(
                 evaluate,
-                run.pipe,
                 run.policy,
-                run.encoder,
-                run.scheduler,
                 self.eval_groups,
                 self.reward,
                 num_per_prompt=config.eval.num_per_prompt,
                 seed=config.eval.seed,
-                guidance_scale=config.sample.guidance_scale,
-                eta=config.sample.eta,
-                autocast=self.accelerator.autocast,
                 advance=functools.partial(progress.advance, task),
             )
             if recompute:  # resumed: the base, LoRA off
-                with adapters_disabled(run.policy):
+                with adapters_disabled(run.denoiser):
                     self.baseline_results = evaluate_policy()
             results = evaluate_policy()
             progress.remove_task(task)
@@ -554,7 +568,7 @@ class TrainingLoop:
             if self.guard.observe_eval(row["eval_reward_mean"], epochs_done) and epochs_done:
                 meta = {**self.metadata, "epoch": epochs_done}
                 meta["eval_reward_mean"] = row["eval_reward_mean"]
-                save_lora(run.policy, self.output_dir / "best_lora", meta)
+                save_lora(run.denoiser, self.output_dir / "best_lora", meta, run.policy.family)
             if self.baseline_results is not None:  # base | this epoch, same prompts and noise
                 path = samples / "before_after.png"
                 save_before_after_grid(self.baseline_results, results, path, epochs_done)
@@ -601,15 +615,16 @@ class TrainingLoop:
         save_checkpoint(
             self.output_dir,
             epochs_done,
-            unet=run.policy,
+            unet=run.denoiser,
             optimizer=run.optimizer,
             tracker_state=self.tracker.state_dict() if self.tracker is not None else None,
             generator_states=list(states.cpu()),
             lora_metadata=metadata,
             keep=self.config.keep_checkpoints,
             extra={"guard": self.guard.state_dict()},
+            family=run.policy.family,
         )
-        save_lora(run.policy, self.result.lora_dir, metadata)
+        save_lora(run.denoiser, self.result.lora_dir, metadata, run.policy.family)
         write_model_card(
             self.output_dir, self.config, self.metadata, epochs_done, self.result.metrics
         )
@@ -664,19 +679,7 @@ def sample_epoch(
         ids = torch.randint(len(prompts), (batch_size // group,), generator=generator)
         ids = ids.repeat_interleave(group)
         batch_texts = [prompts[i] for i in ids.tolist()]
-        batch_images, trajectory = rollout(
-            run.pipe,
-            run.policy,
-            run.encoder,
-            batch_texts,
-            ids,
-            scheduler=run.scheduler,
-            guidance_scale=config.sample.guidance_scale,
-            eta=config.sample.eta,
-            generator=generator,
-            autocast=accelerator.autocast,
-            group_size=group,
-        )
+        batch_images, trajectory = rollout(run.policy, batch_texts, ids, generator, group)
         metadata = [{} for _ in batch_images]
         if executor is not None:
             pending.append(executor.submit(reward, batch_images, batch_texts, metadata))
@@ -773,13 +776,9 @@ def save_samples(images: list, texts: list[str], rewards, path: Path, limit: int
 
 
 def trajectory_is_finite(trajectory: Trajectory) -> torch.Tensor:
-    """(B,) uint8 (gather-able over gloo): 1 where the sample's latents and log-probs are finite."""
-    finite = (
-        torch.isfinite(trajectory.latents).flatten(1).all(1)
-        & torch.isfinite(trajectory.next_latents).flatten(1).all(1)
-        & torch.isfinite(trajectory.log_probs).all(1)
-    )
-    return finite.to(torch.uint8)
+    """(B,) uint8 (gather-able over gloo): 1 where the sample's latents, log-probs and
+    conditioning are finite."""
+    return trajectory.is_finite().to(torch.uint8)
 
 
 def sanitize(trajectory: Trajectory, valid: torch.Tensor) -> Trajectory:
@@ -788,14 +787,4 @@ def sanitize(trajectory: Trajectory, valid: torch.Tensor) -> Trajectory:
     Dropped samples are masked rather than removed so that every process runs the same number
     of backward passes (DDP needs that); a weight of 0 makes their gradient exactly 0.
     """
-    if bool(valid.all()):
-        return trajectory
-    keep = valid.view(-1, 1, 1, 1, 1)
-    return Trajectory(
-        chain=torch.where(keep, trajectory.chain, 0.0),
-        timesteps=trajectory.timesteps,
-        log_probs=torch.where(valid[:, None], trajectory.log_probs, 0.0),
-        prompt_embeds=trajectory.prompt_embeds,
-        negative_embeds=trajectory.negative_embeds,
-        prompt_ids=trajectory.prompt_ids,
-    )
+    return trajectory if bool(valid.all()) else trajectory.masked(valid)

@@ -20,63 +20,58 @@ from accelerate import Accelerator
 from ddpo_lite.algorithms import ddpo_is_loss, ddpo_sf_loss, rwr_loss
 from ddpo_lite.config import Config
 from ddpo_lite.drift import adapters_disabled
-from ddpo_lite.sampling import Trajectory, ddim_kl, ddim_step_with_logprob, predict_noise
+from ddpo_lite.policy import Policy
+from ddpo_lite.sampling import Trajectory
 
 
 @dataclass
 class UpdateSettings:
-    """What one chunk's loss needs besides the data."""
+    """What one chunk's loss needs besides the data and the policy."""
 
     algorithm: str
-    guidance_scale: float
-    eta: float
     clip_range: float
     kl_coef: float = 0.0
 
 
 def score_log_probs(
-    unet,
-    scheduler,
+    policy: Policy,
+    model: torch.nn.Module,
     batch: Trajectory,
     cols: torch.Tensor,
-    guidance_scale: float,
-    eta: float,
-    autocast,
     kl_coef: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi_theta(x_{t-1} | x_t) of the stored steps `cols` ((B, k) indices), shape (B, k).
 
-    The same `predict_noise` + `ddim_step_with_logprob` the rollout used, on the stored float32
-    latents, under the same autocast and CFG. With `kl_coef` > 0 also returns each step's
-    KL(policy || base) (B, k), the base being the same UNet with its LoRA disabled.
+    The same `Policy.predict` + sampler step the rollout used, on the stored float32 latents,
+    under the same autocast and CFG; `model` is the policy's denoiser (DDP-wrapped for the
+    update). With `kl_coef` > 0 also returns each step's KL(policy || base) (B, k), the base
+    being the same denoiser with its LoRA disabled.
     """
     rows = torch.arange(len(batch), device=cols.device)[:, None]
     k = cols.shape[1]
     x_t = batch.latents[rows, cols].flatten(0, 1)  # (B*k, C, H, W)
     x_prev = batch.next_latents[rows, cols].flatten(0, 1)
     t = batch.timesteps[rows, cols].flatten()
-    embeds = batch.prompt_embeds.repeat_interleave(k, dim=0)
-    with autocast():
-        noise_pred = predict_noise(unet, x_t, t, embeds, batch.negative_embeds, guidance_scale)
-    _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, x_t, eta=eta, prev_sample=x_prev)
+    cond = batch.cond.repeat_interleave(k)
+    model_output = policy.predict(x_t, t, cond, batch.negative, model=model)
+    _, log_prob = policy.sampler.step(model_output, t, x_t, prev_sample=x_prev)
     if not kl_coef:
         return log_prob.view(len(batch), k)
-    model = getattr(unet, "module", unet)  # DDP wraps it; the adapters live on the inner model
-    with torch.no_grad(), autocast(), adapters_disabled(model):
-        base_pred = predict_noise(model, x_t, t, embeds, batch.negative_embeds, guidance_scale)
-    kl = ddim_kl(scheduler, noise_pred, base_pred, t, x_t, eta)
+    inner = getattr(model, "module", model)  # DDP wraps it; the adapters live on the inner model
+    with torch.no_grad(), adapters_disabled(inner):
+        base_output = policy.predict(x_t, t, cond, batch.negative, model=inner)
+    kl = policy.sampler.kl(model_output, base_output, t, x_t)
     return log_prob.view(len(batch), k), kl.view(len(batch), k)
 
 
 def chunk_loss(
-    unet,
-    scheduler,
+    policy: Policy,
+    model: torch.nn.Module,
     batch: Trajectory,
     cols: torch.Tensor,
     weights: torch.Tensor,
     valid: torch.Tensor,
     settings: UpdateSettings,
-    autocast,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed loss of one chunk: samples `batch`, their steps `cols` (B, k), per-sample
@@ -88,22 +83,12 @@ def chunk_loss(
         x0 = batch.next_latents[:, -1].repeat_interleave(k, dim=0)
         t = batch.timesteps[rows, cols].flatten()
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        noisy = scheduler.add_noise(x0, noise, t)
-        embeds = batch.prompt_embeds.repeat_interleave(k, dim=0)
-        with autocast():
-            noise_pred = predict_noise(unet, noisy, t, embeds, None, 1.0)
+        noisy = policy.sampler.add_noise(x0, noise, t)
+        cond = batch.cond.repeat_interleave(k)
+        noise_pred = policy.predict(noisy, t, cond, None, model=model)
         return rwr_loss(noise_pred, noise, (weights * valid).repeat_interleave(k))
 
-    scored = score_log_probs(
-        unet,
-        scheduler,
-        batch,
-        cols,
-        settings.guidance_scale,
-        settings.eta,
-        autocast,
-        kl_coef=settings.kl_coef,
-    )
+    scored = score_log_probs(policy, model, batch, cols, kl_coef=settings.kl_coef)
     log_prob, kl = scored if settings.kl_coef else (scored, None)
     old = batch.log_probs[torch.arange(len(batch), device=cols.device)[:, None], cols]
     # a dropped sample scores as its old log-prob: ratio 1, advantage 0, no gradient, no stats
@@ -122,8 +107,8 @@ def chunk_loss(
 
 def accumulate_step(
     accelerator: Accelerator,
-    unet,
-    scheduler,
+    policy: Policy,
+    model: torch.nn.Module,
     batches: Sequence[tuple[Trajectory, torch.Tensor, torch.Tensor, torch.Tensor]],
     settings: UpdateSettings,
     timestep_chunk: int,
@@ -155,18 +140,10 @@ def accumulate_step(
     sums: dict[str, float] = {}
     for i, (samples, cols, weights, valid) in enumerate(chunks):
         last = i == len(chunks) - 1
-        context = torch.enable_grad() if last else accelerator.no_sync(unet)
+        context = torch.enable_grad() if last else accelerator.no_sync(model)
         with context:
             loss, stats = chunk_loss(
-                unet,
-                scheduler,
-                samples,
-                cols,
-                weights,
-                valid,
-                settings,
-                accelerator.autocast,
-                generator,
+                policy, model, samples, cols, weights, valid, settings, generator
             )
             accelerator.backward(loss / total)
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / total
@@ -196,10 +173,10 @@ def timestep_columns(
 
 def update(
     accelerator: Accelerator,
-    unet,
+    policy: Policy,
+    model: torch.nn.Module,
     optimizer,
     params: list[torch.nn.Parameter],
-    scheduler,
     trajectory: Trajectory,
     weights: torch.Tensor,
     valid: torch.Tensor,
@@ -207,19 +184,15 @@ def update(
     generator: torch.Generator,
     progress: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
-    """The inner epochs of one epoch's update; returns the mean of each statistic per step."""
+    """The inner epochs of one epoch's update; returns the mean of each statistic per step.
+    `model` is the policy's denoiser as the optimizer sees it (DDP-wrapped under several
+    processes)."""
     train = config.train
-    settings = UpdateSettings(
-        train.algorithm,
-        config.sample.guidance_scale,
-        config.sample.eta,
-        train.clip_range,
-        train.kl_coef,
-    )
+    settings = UpdateSettings(train.algorithm, train.clip_range, train.kl_coef)
     device = trajectory.latents.device
     num_samples, num_steps = trajectory.log_probs.shape
     history: list[dict[str, float]] = []
-    unet.train()
+    model.train()
     for _ in range(train.num_inner_epochs):
         order = torch.randperm(num_samples, generator=generator).to(device)
         cols = timestep_columns(
@@ -237,8 +210,8 @@ def update(
                 continue  # every sample of this step was dropped: AdamW would still move the LoRA
             step_stats = accumulate_step(
                 accelerator,
-                unet,
-                scheduler,
+                policy,
+                model,
                 batches,
                 settings,
                 train.timestep_chunk,
@@ -251,7 +224,7 @@ def update(
             step_stats["grad_norm"] = float(grad_norm)
             history.append(step_stats)
             progress()
-    unet.eval()
+    model.eval()
     if not history:
         return {}
     return {name: float(np.mean([h[name] for h in history])) for name in history[0]}

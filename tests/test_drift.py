@@ -80,17 +80,16 @@ def _set_lora_b(unet, scale, seed=0):
 def test_trajectory_kl_is_zero_for_the_base_and_leaves_the_policy_on(tmp_path):
     config, accelerator, run = _components(tmp_path)
     samples = _sample(config, accelerator, run)
-    args = (run.scheduler, samples.trajectory, 5.0, 1.0, accelerator.autocast)
     # a fresh LoRA (B = 0) is the base model: KL exactly 0
-    assert torch.all(trajectory_kl(run.policy, *args) == 0)
-    _set_lora_b(run.policy, 0.05)
+    assert torch.all(trajectory_kl(run.policy, samples.trajectory) == 0)
+    _set_lora_b(run.denoiser, 0.05)
     x = samples.trajectory.latents[:1, 0]
     t = samples.trajectory.timesteps[:1, 0]
     embeds = samples.trajectory.prompt_embeds[:1]
-    before = run.policy(x, t, encoder_hidden_states=embeds).sample
-    kl = trajectory_kl(run.policy, *args)
+    before = run.denoiser(x, t, encoder_hidden_states=embeds).sample
+    kl = trajectory_kl(run.policy, samples.trajectory)
     assert kl.shape == (2,) and torch.all(kl > 0)
-    after = run.policy(x, t, encoder_hidden_states=embeds).sample
+    after = run.denoiser(x, t, encoder_hidden_states=embeds).sample
     torch.testing.assert_close(before, after, rtol=0, atol=0)  # adapters back on
     accelerator.end_training()
 
@@ -108,34 +107,34 @@ def test_diversity_closed_form():
 def test_kl_penalty_is_free_when_off_and_pulls_to_the_base_when_on(tmp_path, monkeypatch):
     config, accelerator, run = _components(tmp_path)
     samples = _sample(config, accelerator, run)
-    _set_lora_b(run.policy, 0.05)
+    _set_lora_b(run.denoiser, 0.05)
     traj = samples.trajectory
     cols = torch.arange(4).repeat(2, 1)
     zero = torch.zeros(2)  # no advantage: only the penalty can move the LoRA
     valid = torch.ones(2, dtype=torch.bool)
 
     calls = []
-    original = type(run.policy).disable_adapters
+    original = type(run.denoiser).disable_adapters
     monkeypatch.setattr(
-        type(run.policy),
+        type(run.denoiser),
         "disable_adapters",
         lambda self: (calls.append(1), original(self))[1],
     )
-    off = UpdateSettings("ddpo-is", 5.0, 1.0, 0.2, kl_coef=0.0)
-    accumulate_step(accelerator, run.unet, run.scheduler, [(traj, cols, zero, valid)], off, 0)
+    off = UpdateSettings("ddpo-is", 0.2, kl_coef=0.0)
+    accumulate_step(accelerator, run.policy, run.model, [(traj, cols, zero, valid)], off, 0)
     assert calls == []  # kl_coef = 0: no base forward at all
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in run.params)
 
-    on = UpdateSettings("ddpo-is", 5.0, 1.0, 0.2, kl_coef=1.0)
-    kl_before = trajectory_kl(run.policy, run.scheduler, traj, 5.0, 1.0, accelerator.autocast)
+    on = UpdateSettings("ddpo-is", 0.2, kl_coef=1.0)
+    kl_before = trajectory_kl(run.policy, traj)
     for _ in range(5):
         run.optimizer.zero_grad(set_to_none=True)
         stats = accumulate_step(
-            accelerator, run.unet, run.scheduler, [(traj, cols, zero, valid)], on, 0
+            accelerator, run.policy, run.model, [(traj, cols, zero, valid)], on, 0
         )
         run.optimizer.step()
     assert calls and stats["kl_penalty"] > 0
-    kl_after = trajectory_kl(run.policy, run.scheduler, traj, 5.0, 1.0, accelerator.autocast)
+    kl_after = trajectory_kl(run.policy, traj)
     assert kl_after.sum() < kl_before.sum()
     accelerator.end_training()
 

@@ -33,7 +33,8 @@ def test_score_function_gradient_points_along_the_pathwise_gradient(tmp_path):
             p.add_(0.05 * torch.randn_like(p))
     prompts = ["a cat", "a dog"] * 16
     guidance, eta = config.sample.guidance_scale, config.sample.eta
-    embeds, negative = run.encoder(prompts)
+    cond, uncond = run.policy.encoder(prompts)
+    embeds, negative = cond["prompt_embeds"], uncond["prompt_embeds"]
 
     def flat_grad() -> torch.Tensor:
         grad = torch.cat([p.grad.flatten() for p in run.params])
@@ -41,42 +42,38 @@ def test_score_function_gradient_points_along_the_pathwise_gradient(tmp_path):
         return grad
 
     # pathwise: the chain with autograd on, noise fixed, reward backpropagated
-    run.unet.train()
+    run.model.train()
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(len(prompts), 4, 16, 16, generator=generator)
-    for t in run.scheduler.timesteps:
-        eps = predict_noise(run.unet, x, t, embeds, negative, guidance)
-        x, _ = ddim_step_with_logprob(run.scheduler, eps, t, x, eta=eta, generator=generator)
+    scheduler = run.policy.sampler.scheduler
+    for t in scheduler.timesteps:
+        eps = predict_noise(run.model, x, t, embeds, negative, guidance)
+        x, _ = ddim_step_with_logprob(scheduler, eps, t, x, eta=eta, generator=generator)
     latent_reward(x).mean().backward()
     pathwise = flat_grad()
 
     # score function: the trainer's own advantages and update loss (DDPO-SF = DDPO-IS at ratio 1)
-    settings = UpdateSettings("ddpo-sf", guidance, eta, clip_range=0.2)
+    settings = UpdateSettings("ddpo-sf", clip_range=0.2)
     score = torch.zeros_like(pathwise)
     for batch in range(6):
         with torch.no_grad():
-            run.unet.eval()
+            run.model.eval()
             _, trajectory = rollout(
-                run.pipe,
-                run.unet,
-                run.encoder,
+                run.policy,
                 prompts,
                 torch.zeros(len(prompts), dtype=torch.long),
-                scheduler=run.scheduler,
-                guidance_scale=guidance,
-                eta=eta,
-                generator=torch.Generator().manual_seed(100 + batch),
+                torch.Generator().manual_seed(100 + batch),
             )
         rewards = latent_reward(trajectory.chain[:, -1])
         advantages = compute_advantages(rewards, prompts, None, adv_clip_max=5.0)
         n, k = trajectory.log_probs.shape
         cols = torch.arange(k).repeat(n, 1)
         valid = torch.ones(n, dtype=torch.bool)
-        run.unet.train()
+        run.model.train()
         accumulate_step(
             accelerator,
-            run.unet,
-            run.scheduler,
+            run.policy,
+            run.model,
             [(trajectory, cols, advantages, valid)],
             settings,
             timestep_chunk=0,

@@ -63,7 +63,7 @@ def test_guard_stops_a_runaway_hackable_run_and_spares_a_healthy_one(tmp_path):
         show_progress=False,
     )
     assert hacked.stop_reason is not None and "guard.max_kl" in hacked.stop_reason
-    assert hacked.stopped_epoch < 2
+    assert hacked.stopped_epoch <= 2  # stopped after the 1st or 2nd of 3 epochs
     assert hacked.metrics[-1]["kl_to_base"] > 1.0
 
     healthy = train(

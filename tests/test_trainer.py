@@ -31,18 +31,7 @@ HALF = [
 def sample_batch(config, accelerator, run, n=4, seed=0):
     prompts = config.prompts.prompts
     ids = torch.arange(n) % len(prompts)
-    return rollout(
-        run.pipe,
-        run.policy,
-        run.encoder,
-        [prompts[i] for i in ids],
-        ids,
-        scheduler=run.scheduler,
-        guidance_scale=config.sample.guidance_scale,
-        eta=config.sample.eta,
-        generator=torch.Generator().manual_seed(seed),
-        autocast=accelerator.autocast,
-    )
+    return rollout(run.policy, [prompts[i] for i in ids], ids, torch.Generator().manual_seed(seed))
 
 
 def test_rollout_returns_images_and_detached_trajectory(tmp_path):
@@ -75,19 +64,11 @@ def test_on_policy_ratio_is_one(tmp_path, overrides):
     run = build_components(config, accelerator)
     _, traj = sample_batch(config, accelerator, run, n=4)
 
-    run.unet.train()
+    run.model.train()
     with torch.enable_grad():
         first = traj.index(torch.tensor([2, 0]))  # a train batch unlike the sampling batch
         cols = torch.tensor([[7, 0, 3], [1, 5, 6]])  # the first (0) and last (7) steps included
-        new = score_log_probs(
-            run.unet,
-            run.scheduler,
-            first,
-            cols,
-            config.sample.guidance_scale,
-            1.0,
-            accelerator.autocast,
-        )
+        new = score_log_probs(run.policy, run.model, first, cols)
         old = first.log_probs[torch.arange(2)[:, None], cols]
         ratio = torch.exp(new - old)
         assert (ratio - 1).abs().max() < 1e-3
@@ -98,15 +79,7 @@ def test_on_policy_ratio_is_one(tmp_path, overrides):
         # and the check can fail: latents stored in half precision break it
         lossy = first.index(torch.arange(2))
         lossy.chain = lossy.chain.half().float()
-        new_lossy = score_log_probs(
-            run.unet,
-            run.scheduler,
-            lossy,
-            cols,
-            config.sample.guidance_scale,
-            1.0,
-            accelerator.autocast,
-        )
+        new_lossy = score_log_probs(run.policy, run.model, lossy, cols)
         assert (torch.exp(new_lossy - old) - 1).abs().max() > 1e-3
 
 
@@ -120,14 +93,14 @@ def test_chunked_gradient_equals_unchunked(tmp_path, algorithm):
     run = build_components(config, accelerator)
     # give the LoRA a non-zero B so that every LoRA weight gets a gradient
     gen = torch.Generator().manual_seed(0)
-    for name, p in run.policy.named_parameters():
+    for name, p in run.denoiser.named_parameters():
         if "lora_B" in name:
             p.data.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     _, traj = sample_batch(config, accelerator, run, n=3)
     weights = torch.tensor([1.5, -0.7, 0.4])
     valid = torch.ones(3, dtype=torch.bool)
     cols = torch.stack([torch.randperm(6, generator=gen)[:5] for _ in range(3)])  # (3, 5)
-    settings = UpdateSettings(algorithm, config.sample.guidance_scale, 1.0, clip_range=0.2)
+    settings = UpdateSettings(algorithm, clip_range=0.2)
     batches = [  # two train batches, of 1 and 2 samples, accumulated into one optimizer step
         (traj.index(torch.tensor([0])), cols[:1], weights[:1], valid[:1]),
         (traj.index(torch.tensor([1, 2])), cols[1:], weights[1:], valid[1:]),
@@ -135,9 +108,7 @@ def test_chunked_gradient_equals_unchunked(tmp_path, algorithm):
 
     # reference: one forward over all 15 (sample, timestep) pairs, mean loss
     run.optimizer.zero_grad(set_to_none=True)
-    new = score_log_probs(
-        run.unet, run.scheduler, traj, cols, config.sample.guidance_scale, 1.0, accelerator.autocast
-    )
+    new = score_log_probs(run.policy, run.model, traj, cols)
     old = traj.log_probs[torch.arange(3)[:, None], cols]
     adv = weights[:, None].expand_as(new)
     loss = ddpo_is_loss(new, old, adv, 0.2)[0] if algorithm == "ddpo-is" else (-adv * new).sum()
@@ -149,7 +120,7 @@ def test_chunked_gradient_equals_unchunked(tmp_path, algorithm):
     for micro, chunk in ((0, 1), (0, 3), (0, 0), (1, 0), (1, 2)):
         run.optimizer.zero_grad(set_to_none=True)
         accumulate_step(
-            accelerator, run.unet, run.scheduler, batches, settings, chunk, micro_batch=micro
+            accelerator, run.policy, run.model, batches, settings, chunk, micro_batch=micro
         )
         for p, ref in zip(run.params, reference, strict=True):
             # float32 summation order differs between chunkings: compare at 1e-4 of the scale
@@ -299,17 +270,15 @@ def test_an_update_raises_the_log_prob_of_good_samples_and_lowers_bad_ones(tmp_p
 
     def log_probs():
         with torch.no_grad():
-            return score_log_probs(
-                run.unet, run.scheduler, traj, cols, 5.0, 1.0, accelerator.autocast
-            ).sum(1)
+            return score_log_probs(run.policy, run.model, traj, cols).sum(1)
 
     before = log_probs()
     update(
         accelerator,
-        run.unet,
+        run.policy,
+        run.model,
         run.optimizer,
         run.params,
-        run.scheduler,
         traj,
         weights,
         torch.ones(4, dtype=torch.bool),
@@ -390,10 +359,10 @@ def test_an_optimizer_step_with_no_valid_sample_is_skipped(tmp_path):
     n = len(trajectory)
     stats = update(
         accelerator,
-        run.unet,
+        run.policy,
+        run.model,
         run.optimizer,
         run.params,
-        run.scheduler,
         trajectory,
         torch.ones(n),
         torch.zeros(n, dtype=torch.bool),
@@ -405,10 +374,10 @@ def test_an_optimizer_step_with_no_valid_sample_is_skipped(tmp_path):
     # the same call with the samples valid does move it (the check above can fail)
     update(
         accelerator,
-        run.unet,
+        run.policy,
+        run.model,
         run.optimizer,
         run.params,
-        run.scheduler,
         trajectory,
         torch.ones(n),
         torch.ones(n, dtype=torch.bool),

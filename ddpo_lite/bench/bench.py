@@ -168,8 +168,7 @@ class Run:
     def __init__(self, config: Config, resolution: int):
         from ddpo_lite.models.lora import attach_lora
         from ddpo_lite.models.memory import apply_memory_settings
-        from ddpo_lite.sampling import PromptEncoder
-        from ddpo_lite.trainer import load_prompts, make_accelerator, make_optimizer, make_scheduler
+        from ddpo_lite.trainer import load_prompts, make_accelerator, make_optimizer, make_policy
 
         self.config = config
         self.accelerator = make_accelerator(config)
@@ -183,17 +182,11 @@ class Run:
         optimizer = make_optimizer(
             self.params, config.train, config.memory.use_8bit_adam, self.device
         )
-        self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
         self.pipe.unet.eval()
-        self.scheduler = make_scheduler(self.pipe, config.sample.num_steps, self.device)
-        self.encoder = PromptEncoder(
-            self.pipe,
-            self.device,
-            config.prompts.negative_prompt,
-            config.memory.offload_text_encoder,
-        )
+        self.policy = make_policy(self.pipe, config, self.device, self.accelerator.autocast)
         self.prompts = load_prompts(config.prompts)
-        self.encoder.preload(self.prompts)
+        self.policy.encoder.preload(self.prompts)
         self.reward = build_bench_reward(config, self.device)
         self.generator = torch.Generator().manual_seed(config.seed)
 
@@ -252,9 +245,7 @@ def _epoch(run: Run, counted: bool) -> dict[str, dict]:
     _sync(device)
     start = time.perf_counter()
     # the trainer's own sampling loop; the reward is scored in its own phase below
-    components = SimpleNamespace(
-        pipe=run.pipe, policy=run.pipe.unet, encoder=run.encoder, scheduler=run.scheduler
-    )
+    components = SimpleNamespace(policy=run.policy)
 
     def no_reward(images, prompts, metadata):
         return np.zeros(len(images)), {}
@@ -291,10 +282,10 @@ def _epoch(run: Run, counted: bool) -> dict[str, dict]:
     with _phase_memory(run, counted, held, stats["training"]):
         update(
             run.accelerator,
-            run.unet,
+            run.policy,
+            run.model,
             run.optimizer,
             run.params,
-            run.scheduler,
             trajectory,
             advantages.to(device),
             torch.ones(n, dtype=torch.bool, device=device),
@@ -384,23 +375,12 @@ def vs_pipeline(config: Config, resolution: int, repeats: int = 3) -> dict:
     size = run.pipe.unet.config.sample_size * run.pipe.vae_scale_factor
     prompts = [run.prompts[i % len(run.prompts)] for i in range(sample.batch_size)]
     ids = torch.arange(sample.batch_size) % len(run.prompts)
-    run.pipe.scheduler = copy.deepcopy(run.scheduler)
+    run.pipe.scheduler = copy.deepcopy(run.policy.sampler.scheduler)
     run.pipe.text_encoder.to(device)  # the pipeline encodes on the device
     negative = config.prompts.negative_prompt or None
 
     def ours():
-        rollout(
-            run.pipe,
-            run.pipe.unet,
-            run.encoder,
-            prompts,
-            ids,
-            scheduler=run.scheduler,
-            guidance_scale=sample.guidance_scale,
-            eta=sample.eta,
-            generator=torch.Generator().manual_seed(0),
-            autocast=run.accelerator.autocast,
-        )
+        rollout(run.policy, prompts, ids, torch.Generator().manual_seed(0))
 
     def theirs():
         run.pipe(

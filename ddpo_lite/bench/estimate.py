@@ -363,6 +363,24 @@ def _scheduler(models: MetaModels, config: Config):
     return scheduler
 
 
+def _meta_policy(models: MetaModels, config: Config, scheduler):
+    """The run's policy over the meta-device models (no pipeline, no prompt encoder: the
+    estimate feeds embeddings of the right shape itself)."""
+    from ddpo_lite.families.sd1 import SD1
+    from ddpo_lite.policy import Policy
+    from ddpo_lite.samplers.ddim import DDIMSampler
+
+    return Policy(
+        family=SD1,
+        pipe=None,
+        denoiser=models.unet,
+        sampler=DDIMSampler(scheduler, max(config.sample.eta, 1e-3)),
+        encoder=None,
+        guidance_scale=config.sample.guidance_scale,
+        autocast=autocast_factory(_autocast_dtype(config)),
+    )
+
+
 def train_shape(config: Config) -> tuple[int, int, int]:
     """(samples per backward, timesteps per backward, timesteps trained per sample)."""
     train = config.train
@@ -376,18 +394,24 @@ def train_shape(config: Config) -> tuple[int, int, int]:
 def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk: int) -> int:
     """Forward+backward of one chunk (`samples` x `chunk` timesteps) through `chunk_loss`, the
     update's own loss, with the LoRA gradients already allocated (they persist across chunks)."""
+    from ddpo_lite.families import Cond
     from ddpo_lite.sampling import Trajectory
     from ddpo_lite.update import UpdateSettings, chunk_loss
 
     scheduler = _scheduler(models, config)
+    policy = _meta_policy(models, config, scheduler)
     n = config.sample.num_steps
     latent = _latent_shape(models)
     batch = Trajectory(
         chain=torch.empty(samples, n + 1, *latent, device="meta"),
         timesteps=scheduler.timesteps.repeat(samples, 1).to("meta"),
         log_probs=torch.empty(samples, n, device="meta"),
-        prompt_embeds=_embeds(models, samples),
-        negative_embeds=_embeds(models, 1) if config.sample.guidance_scale > 1 else None,
+        cond=Cond({"prompt_embeds": _embeds(models, samples)}),
+        negative=(
+            Cond({"prompt_embeds": _embeds(models, 1)})
+            if config.sample.guidance_scale > 1
+            else None
+        ),
         prompt_ids=torch.zeros(samples, dtype=torch.long, device="meta"),
     )
     cols = torch.arange(chunk).repeat(samples, 1).to("meta")
@@ -395,8 +419,6 @@ def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk:
     valid = torch.ones(samples, dtype=torch.bool, device="meta")
     settings = UpdateSettings(
         config.train.algorithm,
-        config.sample.guidance_scale,
-        max(config.sample.eta, 1e-3),
         config.train.clip_range,
         getattr(config.train, "kl_coef", 0.0),  # > 0 adds a no-grad forward of the base model
     )
@@ -406,14 +428,13 @@ def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk:
 
     def forward_backward():
         loss, _ = chunk_loss(
+            policy,
             models.unet,
-            scheduler,
             batch,
             cols,
             weights,
             valid,
             settings,
-            autocast_factory(_autocast_dtype(config)),
             torch.Generator().manual_seed(0),
         )
         loss.backward()

@@ -1,4 +1,5 @@
-"""Load a Stable Diffusion 1.x pipeline from "tiny", "shapes", a local diffusers folder, or a Hub id.
+"""Load a pipeline of a supported model family (SD 1.x/2.x, SDXL) from "tiny", "tiny-sdxl",
+"shapes", a local diffusers folder, or a Hub id; the family comes from model_index.json.
 
 Every failure a user can cause or fix (a wrong path, a folder in the wrong layout, no network) is a
 `ModelLoadError` whose message is one line saying what was wrong and what to do instead.
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler
 
 from .tiny import quiet_progress_bars, tiny_pipeline_dir
 
@@ -25,8 +26,8 @@ __all__ = ["HUB_PROBE_TIMEOUT_S", "SHAPES_MODEL_DIR", "ModelLoadError", "load_pi
 #: (``$DDPO_LITE_HUB_TIMEOUT`` overrides it).
 HUB_PROBE_TIMEOUT_S = 5.0
 
-_REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _TINY_RE = re.compile(r"tiny(?::(\d+))?")
+_TINY_SDXL_RE = re.compile(r"tiny-sdxl(?::(\d+))?")
 #: The small pretrained model shipped inside the package (trained by scripts/train_shapes_model.py).
 SHAPES_MODEL_DIR = Path(__file__).parent / "shapes_model"
 
@@ -48,39 +49,52 @@ class ModelLoadError(Exception):
 
 
 def load_pipeline(
-    name_or_path: str = "tiny", *, seed: int = 0, torch_dtype: torch.dtype | None = None
-) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion 1.x pipeline with a DDIM scheduler and progress bars off.
+    name_or_path: str = "tiny",
+    *,
+    seed: int = 0,
+    torch_dtype: torch.dtype | None = None,
+    family: str = "auto",
+):
+    """Load a pipeline with a DDIM scheduler and progress bars off.
 
     ``name_or_path`` is one of:
 
     - ``"tiny"`` / ``"tiny:SEED"``: the built-in offline model (`tiny_pipeline_dir`), loaded with
       ``from_pretrained`` like any folder; ``seed`` applies to plain ``"tiny"``.
+    - ``"tiny-sdxl"`` / ``"tiny-sdxl:SEED"``: the same in the SDXL architecture.
     - ``"shapes"``: the small pretrained model that ships inside the package (``SHAPES_MODEL_DIR``;
       32x32 coloured shapes, captions like "a red circle on a blue background").
     - a local folder in diffusers layout (``model_index.json`` and the component subfolders).
     - a Hub id ``"owner/name"``: the local Hugging Face cache first, then the Hub.
 
+    ``family`` is "auto" (model_index.json's ``_class_name`` picks it) or a family name
+    ("sd1", "sdxl") whose pipeline class then loads the folder whatever its class name.
     Any other scheduler is replaced by ``DDIMScheduler.from_config`` of its config (DDPO's policy
     is the DDIM step). The safety checker is never loaded.
 
     Raises:
         ModelLoadError: the model could not be found or loaded; the message is one line.
     """
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    kwargs: dict[str, Any] = {}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
 
     name = str(name_or_path).strip()
     tiny = _TINY_RE.fullmatch(name)
+    tiny_xl = _TINY_SDXL_RE.fullmatch(name)
     path = Path(name).expanduser()
     if tiny:
         tiny_seed = int(tiny.group(1)) if tiny.group(1) is not None else seed
-        pipe = _from_folder(tiny_pipeline_dir(tiny_seed), kwargs)
+        pipe = _from_folder(tiny_pipeline_dir(tiny_seed), kwargs, family)
+    elif tiny_xl:
+        from .tiny_sdxl import tiny_sdxl_pipeline_dir
+
+        tiny_seed = int(tiny_xl.group(1)) if tiny_xl.group(1) is not None else seed
+        pipe = _from_folder(tiny_sdxl_pipeline_dir(tiny_seed), kwargs, family)
     elif name == "shapes":
-        pipe = _from_folder(SHAPES_MODEL_DIR, kwargs)
+        pipe = _from_folder(SHAPES_MODEL_DIR, kwargs, family)
     elif path.is_dir():
-        pipe = _from_folder(path, kwargs)
+        pipe = _from_folder(path, kwargs, family)
     elif path.exists():
         raise ModelLoadError(
             f"{name!r} is a file; single-file checkpoints are not supported, "
@@ -89,7 +103,7 @@ def load_pipeline(
             + _ACCEPTED_FORMS
         )
     elif _looks_like_hub_id(name):
-        pipe = _from_hub(name, kwargs)
+        pipe = _from_hub(name, kwargs, family)
     else:
         raise ModelLoadError(
             f"{name!r} is neither an existing folder nor a Hub id; {_ACCEPTED_FORMS}"
@@ -141,8 +155,24 @@ def _looks_like_hub_id(name: str) -> bool:
     return True
 
 
-def _check_layout(folder: Path) -> None:
-    """Raise `ModelLoadError` unless ``folder`` has a diffusers Stable Diffusion layout."""
+def _family_from_index(index: dict, where: str, family: str):
+    """The family for a model_index.json: `family` when named, else by `_class_name`."""
+    from ddpo_lite.families import family_for_class, get_family, supported_classes
+
+    if family != "auto":
+        return get_family(family)
+    class_name = str(index.get("_class_name", ""))
+    found = family_for_class(class_name)
+    if found is None:
+        raise ModelLoadError(
+            f"{where} holds a {class_name or 'pipeline without a _class_name'}; supported "
+            f"pipelines: {', '.join(supported_classes())} (model.family forces one)"
+        )
+    return found
+
+
+def _check_layout(folder: Path, family: str = "auto"):
+    """The family of ``folder``; `ModelLoadError` unless it has that family's diffusers layout."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ModelLoadError(
@@ -155,13 +185,9 @@ def _check_layout(folder: Path) -> None:
         raise ModelLoadError(f"could not read {str(index_file)!r}: {_one_line(err)}") from err
     if not isinstance(index, dict):
         raise ModelLoadError(f"{str(index_file)!r} is not a JSON object; {_ACCEPTED_FORMS}")
-    if "text_encoder_2" in index:
-        raise ModelLoadError(
-            f"{str(folder)!r} holds a {index.get('_class_name', 'two-text-encoder')} pipeline; "
-            "only Stable Diffusion 1.x/2.x layouts (one text encoder) are supported"
-        )
+    found = _family_from_index(index, repr(str(folder)), family)
     missing = []
-    for component in _REQUIRED_COMPONENTS:
+    for component in found.required_components:
         entry = index.get(component)
         if not (isinstance(entry, list) and entry and entry[0] is not None):
             missing.append(f"{component!r} in model_index.json")
@@ -169,16 +195,24 @@ def _check_layout(folder: Path) -> None:
             missing.append(f"{component}/")
     if missing:
         raise ModelLoadError(
-            f"{str(folder)!r} is not a Stable Diffusion pipeline folder: missing {', '.join(missing)}; "
-            + _ACCEPTED_FORMS
+            f"{str(folder)!r} is not a complete {found.pipeline_class.__name__} folder: missing "
+            f"{', '.join(missing)}; " + _ACCEPTED_FORMS
         )
+    return found
 
 
-def _from_folder(folder: Path, kwargs: dict[str, Any]) -> StableDiffusionPipeline:
-    _check_layout(folder)
+def _pipeline_kwargs(found, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """SD 1.x pipelines take no safety checker (it is never loaded); SDXL has none."""
+    if found.name == "sd1":
+        return {"safety_checker": None, "requires_safety_checker": False, **kwargs}
+    return dict(kwargs)
+
+
+def _from_folder(folder: Path, kwargs: dict[str, Any], family: str = "auto"):
+    found = _check_layout(folder, family)
     try:
         with quiet_progress_bars():
-            return StableDiffusionPipeline.from_pretrained(folder, **kwargs)
+            return found.pipeline_class.from_pretrained(folder, **_pipeline_kwargs(found, kwargs))
     except Exception as err:
         raise ModelLoadError(
             f"could not load the pipeline in {str(folder)!r}: {_one_line(err)}"
@@ -218,14 +252,32 @@ def _probe_hub(repo_id: str, timeout: float) -> BaseException | None:
     return result[0]
 
 
-def _from_hub(repo_id: str, kwargs: dict[str, Any]) -> StableDiffusionPipeline:
+def _hub_family(repo_id: str, family: str, local_only: bool):
+    """The family of a Hub repo from its model_index.json (cached, or downloaded)."""
+    from huggingface_hub import hf_hub_download
+
+    index_file = hf_hub_download(repo_id, "model_index.json", local_files_only=local_only)
+    index = json.loads(Path(index_file).read_text(encoding="utf-8"))
+    return _family_from_index(index, repr(repo_id), family)
+
+
+def _from_hub(repo_id: str, kwargs: dict[str, Any], family: str = "auto"):
     from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     try:
-        with quiet_progress_bars():
-            return StableDiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **kwargs)
-    except Exception:  # not (fully) in the local cache: go to the Hub
-        pass
+        found = _hub_family(repo_id, family, local_only=True)
+    except ModelLoadError:
+        raise
+    except Exception:  # not in the local cache
+        found = None
+    if found is not None:
+        try:
+            with quiet_progress_bars():
+                return found.pipeline_class.from_pretrained(
+                    repo_id, local_files_only=True, **_pipeline_kwargs(found, kwargs)
+                )
+        except Exception:  # not (fully) in the local cache: go to the Hub
+            pass
 
     if _hub_offline():
         raise ModelLoadError(
@@ -257,9 +309,12 @@ def _from_hub(repo_id: str, kwargs: dict[str, Any]) -> StableDiffusionPipeline:
         ) from err
 
     try:
-        return StableDiffusionPipeline.from_pretrained(repo_id, **kwargs)
+        found = _hub_family(repo_id, family, local_only=False)
+        return found.pipeline_class.from_pretrained(repo_id, **_pipeline_kwargs(found, kwargs))
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(
             f"could not load {repo_id!r} from the Hugging Face Hub: {_one_line(exc)}; "
-            "it must be a diffusers Stable Diffusion 1.x repo"
+            "it must be a diffusers pipeline repo of a supported family (SD 1.x/2.x, SDXL)"
         ) from exc

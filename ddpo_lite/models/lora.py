@@ -78,16 +78,21 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
-def save_lora(unet: torch.nn.Module, folder: str | Path, metadata: dict[str, str]) -> Path:
+def save_lora(
+    unet: torch.nn.Module, folder: str | Path, metadata: dict[str, str], family=None
+) -> Path:
     """Write `folder/pytorch_lora_weights.safetensors` atomically, with peft's adapter config
-    (so rank and alpha load back exactly) and `metadata` (base model, preset, ...) in its header."""
+    (so rank and alpha load back exactly) and `metadata` (base model, preset, ...) in its header.
+    `family` (default SD 1.x) names the pipeline class whose `save_lora_weights` writes it: the
+    file is what that pipeline's `load_lora_weights` reads."""
+    pipeline_class = family.pipeline_class if family is not None else StableDiffusionPipeline
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
         adapter_config = unet.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(
+        pipeline_class.save_lora_weights(
             tmp,
             unet_lora_layers=state,
             unet_lora_adapter_metadata=adapter_config,

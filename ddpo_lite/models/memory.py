@@ -44,10 +44,16 @@ def apply_memory_settings(pipe, memory, device: torch.device) -> torch.dtype:
     Returns the dtype of the frozen weights. The text encoder is placed by the prompt encoder
     (on the CPU when `memory.offload_text_encoder`).
     """
+    from ddpo_lite.families import family_of
+
+    family = family_of(pipe)
     dtype = frozen_dtype(memory.mixed_precision, memory.half_base)
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+    text_encoders = family.text_encoders(pipe)
+    for model in (pipe.unet, pipe.vae, *text_encoders):
         model.requires_grad_(False)
         model.to(dtype=dtype)
+    if dtype == torch.float16 and family.vae_fp32_in_fp16:
+        pipe.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' force_upcast)
     pipe.unet.to(device)
     pipe.vae.to(device)
     set_attention(pipe.unet, memory.attention)
@@ -56,5 +62,6 @@ def apply_memory_settings(pipe, memory, device: torch.device) -> torch.dtype:
     if memory.vae_slicing:
         pipe.vae.enable_slicing()
     pipe.vae.eval()
-    pipe.text_encoder.eval()
+    for model in text_encoders:
+        model.eval()
     return dtype

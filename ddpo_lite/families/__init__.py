@@ -1,0 +1,148 @@
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL, ... in one file each.
+
+A family is a small object with the methods of `Family` (a Protocol: no base class). It owns
+loading, the denoiser that carries the LoRA, prompt encoding into a `Cond`, initial latents, the
+guided model call, decoding and saving the LoRA with its own diffusers loader. It knows nothing
+of RL: the sampler (samplers/) and the trainer use it through `Policy` (policy.py).
+
+`family_for_class("StableDiffusionXLPipeline")` picks one from `model_index.json`'s
+`_class_name`; `get_family("sdxl")` by name (`model.family`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class Cond:
+    """A batch of prompt conditioning: a family's named tensors, each batch-first.
+
+    SD 1.x: prompt_embeds (B, L, D). SDXL: prompt_embeds (B, L, 2048), pooled (B, 1280),
+    time_ids (B, 6). Indexing, concatenation and repetition are written once, here.
+    """
+
+    tensors: dict[str, torch.Tensor]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def index(self, rows: torch.Tensor | slice) -> Cond:
+        return Cond({k: v[rows] for k, v in self.tensors.items()})
+
+    def repeat_interleave(self, k: int) -> Cond:
+        return Cond({n: v.repeat_interleave(k, dim=0) for n, v in self.tensors.items()})
+
+    def expand(self, batch: int) -> Cond:
+        """A batch-1 conditioning (the negative prompt's) broadcast to `batch` rows."""
+        return Cond({k: v.expand(batch, *v.shape[1:]) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(parts: Sequence[Cond]) -> Cond:
+        return Cond({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
+
+    @staticmethod
+    def stack(rows: Sequence[dict[str, torch.Tensor]]) -> Cond:
+        """Rows (one dict of unbatched tensors per prompt) as one batch."""
+        return Cond({k: torch.stack([row[k] for row in rows]) for k in rows[0]})
+
+    def rows(self) -> list[dict[str, torch.Tensor]]:
+        return [{k: v[i] for k, v in self.tensors.items()} for i in range(len(self))]
+
+    def all_finite(self) -> torch.Tensor:
+        """(B,) bool: every element of the sample's tensors is finite."""
+        finite = [torch.isfinite(v).flatten(1).all(1) for v in self.tensors.values()]
+        return torch.stack(finite).all(0)
+
+
+class Family(Protocol):
+    """What the trainer needs of a model family (see families/sd1.py for the reference one)."""
+
+    name: str
+    pipeline_class: Any
+    """The diffusers pipeline class: loads the model and saves / loads its LoRA."""
+    pipeline_class_names: tuple[str, ...]
+    """model_index.json `_class_name`s this family takes."""
+    required_components: tuple[str, ...]
+    vae_fp32_in_fp16: bool
+    """The VAE overflows in fp16 (SDXL's): keep it in float32 when the base is fp16."""
+
+    def text_encoders(self, pipe) -> list[torch.nn.Module]: ...
+
+    def native_resolution(self, pipe) -> int: ...
+
+    def encode(
+        self, pipe, prompts: list[str], device: torch.device, negative_prompt: str, resolution: int
+    ) -> tuple[Cond, Cond]: ...
+
+    def predict(
+        self,
+        denoiser: torch.nn.Module,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Cond,
+        negative: Cond | None,
+        guidance_scale: float,
+    ) -> torch.Tensor: ...
+
+    def decode(self, pipe, latents: torch.Tensor) -> list[Image.Image]: ...
+
+
+def latent_shape(pipe, batch: int, resolution: int) -> tuple[int, int, int, int]:
+    """(B, C, h, w) of the initial noise for square images of `resolution` pixels."""
+    side = resolution // pipe.vae_scale_factor
+    return (batch, pipe.unet.config.in_channels, side, side)
+
+
+@torch.no_grad()
+def decode_with_vae(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Final latents through the pipeline's VAE (in its dtype) and image processor into PIL."""
+    vae = pipe.vae
+    scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
+    image = vae.decode(scaled, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")
+
+
+def _families() -> dict[str, Family]:
+    from ddpo_lite.families.sd1 import SD1
+    from ddpo_lite.families.sdxl import SDXL
+
+    return {"sd1": SD1, "sdxl": SDXL}
+
+
+FAMILY_NAMES = ("sd1", "sdxl")
+
+
+def get_family(name: str) -> Family:
+    families = _families()
+    if name not in families:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(families)}")
+    return families[name]
+
+
+def family_for_class(class_name: str) -> Family | None:
+    """The family whose pipeline class is `class_name` (model_index.json), or None."""
+    for family in _families().values():
+        if class_name in family.pipeline_class_names:
+            return family
+    return None
+
+
+def family_of(pipe) -> Family:
+    """The family of a loaded pipeline."""
+    for family in _families().values():
+        if type(pipe).__name__ in family.pipeline_class_names:
+            return family
+    raise ValueError(f"{type(pipe).__name__} is not a supported pipeline")
+
+
+def supported_classes() -> list[str]:
+    return [c for f in _families().values() for c in f.pipeline_class_names]

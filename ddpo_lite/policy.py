@@ -1,0 +1,59 @@
+"""The policy a run samples and trains: one small object built at setup.
+
+It bundles what rollout, the update, the KL to the base and the evaluation all need (the model
+family, the pipeline, the LoRA'd denoiser, the sampler, the cached prompt conditioning, the
+guidance scale, the autocast context, the resolution), so that they are passed as one thing and
+both sides of the PPO ratio are computed by the same calls under the same settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ddpo_lite.families import Cond, Family
+from ddpo_lite.samplers.ddim import DDIMSampler
+
+
+@dataclass(frozen=True)
+class Policy:
+    family: Family
+    pipe: Any
+    denoiser: torch.nn.Module
+    """The model that carries the LoRA (UNet or transformer), unwrapped: sampling needs no
+    gradient sync; the update passes its DDP-wrapped twin (the same weights) to `predict`."""
+    sampler: DDIMSampler
+    encoder: Any
+    """A `PromptEncoder`: prompts -> (Cond, negative Cond), cached."""
+    guidance_scale: float
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    resolution: int = 0
+    """Image side in pixels (the family's native one when built from a config with 0)."""
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Cond,
+        negative: Cond | None,
+        model: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """The guided model output (float32) of `model` (default: the policy's denoiser), under
+        the policy's autocast; `negative` None means no guidance."""
+        with self.autocast():
+            return self.family.predict(
+                model if model is not None else self.denoiser,
+                latents,
+                timesteps,
+                cond,
+                negative,
+                self.guidance_scale,
+            )
