@@ -155,7 +155,8 @@ def _kohya_header(lora: LoraFile, alpha: float) -> dict[str, str]:
     header = {k: v for k, v in lora.header.items() if k.startswith("ddpo_lite.")}
     ranks = {lora.rank(m) for m in lora.modules}
     header["ss_network_module"] = "networks.lora"
-    header["ss_base_model_version"] = "sd_v1"
+    family = lora.header.get("ddpo_lite.family", "sd1")  # kohya's names for the base models
+    header["ss_base_model_version"] = "sdxl_base_v1-0" if family == "sdxl" else "sd_v1"
     # kohya's resize_lora.py writes "Dynamic" when the modules' ranks differ
     header["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
     header["ss_network_alpha"] = f"{alpha:g}"

@@ -181,6 +181,10 @@ def test_sdxl_trains_resumes_and_its_lora_loads_in_diffusers(tmp_path):
     assert main(["export", str(out / "lora"), "--output", str(tmp_path / "k.safetensors")]) == 0
     kohya = load_file(tmp_path / "k.safetensors")
     assert kohya and all(k.startswith("lora_unet_") for k in kohya)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "k.safetensors", framework="pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
 def test_a_lora_of_one_family_is_refused_on_another(tmp_path, capsys):
