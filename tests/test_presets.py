@@ -3,9 +3,10 @@
 A preset is only tested if it runs as shipped: the shipped GPU presets once crashed at their
 first checkpoint (8-bit AdamW's nested state) while every test ran them with 8-bit AdamW off.
 So each preset found in presets/ runs through the command line with only what a CPU cannot do
-or afford changed (`rehearsal_overrides`): the model (tiny), the sizes, fp16 -> bf16, and a
-model reward replaced by the same reward code on a tiny random-weight twin of its model
-(aesthetic) or by a model-free one. Every memory lever (8-bit AdamW, half base, gradient
+or afford changed (`rehearsal_overrides`): the model (`tiny`, or `tiny-sdxl` for an SDXL
+preset), the sizes (resolution included), fp16 -> bf16, and a model reward replaced by the same
+reward code on a tiny random-weight twin of its model (aesthetic, PickScore) or by a model-free
+one. Every memory lever (8-bit AdamW, half base, gradient
 checkpointing, attention, offloads, VAE slicing, micro-batches, timestep chunks), the
 evaluation, the guard and the trackers stay as shipped. Each preset: 2 epochs with a checkpoint,
 `--resume` to 3, `sample`, `export`.
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_rewards_models import published_head_state, save_tiny_clip
 
+from ddpo_lite.bench.estimate import is_sdxl
 from ddpo_lite.cli import main
 from ddpo_lite.config import Config, list_presets, load_config
 
@@ -35,11 +37,20 @@ def aesthetic_twin(tmp_path_factory):
     return folder
 
 
-def rehearsal_overrides(config: Config, aesthetic_twin) -> list[str]:
+@pytest.fixture(scope="module")
+def clip_twin(tmp_path_factory):
+    """A tiny CLIP in one folder: what `reward.models.pickscore` names (PickScore is a CLIP)."""
+    folder = tmp_path_factory.mktemp("clip-twin")
+    save_tiny_clip(folder, seed=7)
+    return folder
+
+
+def rehearsal_overrides(config: Config, twins: dict) -> list[str]:
     """What a CPU rehearsal changes: the model, the sizes, fp16 and model rewards. Nothing else."""
     s, t = config.sample, config.train
     sets = [
-        'model.name="tiny"',
+        f'model.name="{"tiny-sdxl" if is_sdxl(config) else "tiny"}"',
+        "sample.resolution=0",  # the tiny model's own 32 px
         "num_epochs=2",
         f"sample.num_steps={min(s.num_steps, 3)}",
         f"sample.batch_size={max(2, s.group_size)}",
@@ -58,8 +69,8 @@ def rehearsal_overrides(config: Config, aesthetic_twin) -> list[str]:
         sets.append("eval.max_prompts=1")
     names = list(config.reward.weights) or [config.reward.name]
     for name in names:
-        if name == "aesthetic":
-            sets.append(f'reward.models.aesthetic="{aesthetic_twin}"')
+        if name in twins:
+            sets.append(f'reward.models.{name}="{twins[name]}"')
         elif not name.startswith(MODEL_FREE):
             assert not config.reward.weights, "replace a model reward inside a weighted sum"
             sets.append('reward.name="jpeg_compressibility"')
@@ -76,9 +87,10 @@ def _sets(overrides: list[str]) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", list_presets())
-def test_every_preset_runs_as_shipped(preset, tmp_path, aesthetic_twin):
+def test_every_preset_runs_as_shipped(preset, tmp_path, aesthetic_twin, clip_twin):
     shipped = load_config(preset)
-    overrides = rehearsal_overrides(shipped, aesthetic_twin)
+    twins = {"aesthetic": aesthetic_twin, "pickscore": clip_twin}
+    overrides = rehearsal_overrides(shipped, twins)
     rehearsed = load_config(preset, overrides)
     # the levers are the preset's own
     assert rehearsed.memory.use_8bit_adam == shipped.memory.use_8bit_adam

@@ -51,13 +51,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        help=f"replace model.name; '{SD15_RANDOM}' builds SD 1.5 with random weights (offline)",
+        help=f"replace model.name; '{SD15_RANDOM}' / 'sdxl-random' build SD 1.5 / SDXL with "
+        "random weights from their published configs (offline)",
     )
     parser.add_argument(
         "--resolution",
         type=int,
-        default=512,
-        help=f"image side in pixels for --model {SD15_RANDOM} (default 512; try 64 on a CPU)",
+        default=None,
+        help=f"image side in pixels for --model {SD15_RANDOM} / sdxl-random (default: "
+        "sample.resolution, else 512 / 1024; try 64 on a CPU)",
     )
     parser.add_argument("--epochs", type=int, default=2, help="epochs to run (default 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -89,7 +91,12 @@ def _config(args) -> Config:
         raise ConfigError(f"--epochs {args.epochs} is invalid: give at least 1")
     # the latent is 1/8 of the image; diffusers' UNet takes any latent size (it passes the skip
     # connections' sizes to its upsamplers), so the image side is a multiple of 8 (sd15.py checks it)
-    if args.model == SD15_RANDOM and (args.resolution < 64 or args.resolution % 8):
+    random_model = args.model in (SD15_RANDOM, "sdxl-random")
+    if (
+        random_model
+        and args.resolution is not None
+        and (args.resolution < 64 or args.resolution % 8)
+    ):
         raise ConfigError(
             f"--resolution {args.resolution}: give a multiple of 8 of at least 64, e.g. 64 or 512"
         )
@@ -125,9 +132,16 @@ def _emit(args, result: dict, table) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_pipeline(config: Config, resolution: int):
+def build_pipeline(config: Config, resolution: int | None):
+    """The config's pipeline; the random published-architecture models at `resolution` (default:
+    sample.resolution, else the model's own)."""
+    size = resolution or config.sample.resolution
     if config.model.name == SD15_RANDOM:
-        return build_sd15_pipeline(resolution=resolution)
+        return build_sd15_pipeline(resolution=size or 512)
+    if config.model.name == "sdxl-random":
+        from ddpo_lite.bench.sdxl import build_sdxl_pipeline
+
+        return build_sdxl_pipeline(resolution=size or 1024)
     from ddpo_lite.models import load_pipeline
 
     return load_pipeline(config.model.name, seed=config.model.seed)
@@ -165,7 +179,7 @@ def build_bench_reward(config: Config, device: torch.device):
 class Run:
     """The pieces the bench drives: pipeline, policy, optimizer, scheduler, prompts, reward."""
 
-    def __init__(self, config: Config, resolution: int):
+    def __init__(self, config: Config, resolution: int | None):
         from ddpo_lite.models.lora import attach_lora
         from ddpo_lite.models.memory import apply_memory_settings
         from ddpo_lite.trainer import load_prompts, make_accelerator, make_optimizer, make_policy
@@ -195,7 +209,7 @@ class Run:
         memory = self.config.memory
         models = [self.pipe.unet, self.pipe.vae]
         if not memory.offload_text_encoder:
-            models.append(self.pipe.text_encoder)
+            models += self.policy.family.text_encoders(self.pipe)
         if not memory.offload_reward:
             models += [m for m in getattr(self.reward, "models", [])]
         tensors = [t for m in models for t in (*m.parameters(), *m.buffers())]
@@ -299,7 +313,7 @@ def _epoch(run: Run, counted: bool) -> dict[str, dict]:
     return stats
 
 
-def measure(config: Config, epochs: int, resolution: int = 512) -> dict:
+def measure(config: Config, epochs: int, resolution: int | None = None) -> dict:
     """Run `epochs` epochs phase by phase; the result `--json` prints."""
     config = copy.deepcopy(config)
     run = Run(config, resolution)
@@ -361,7 +375,7 @@ def _device_name(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def vs_pipeline(config: Config, resolution: int, repeats: int = 3) -> dict:
+def vs_pipeline(config: Config, resolution: int | None, repeats: int = 3) -> dict:
     """Images/s of `rollout` (log-probs and trajectory included) and of `pipe(...)` on the same
     pipeline object (same UNet with its LoRA, VAE, DDIM scheduler settings), steps, guidance,
     eta, batch and size, timed alternately after one untimed call of each; the ratio is the
@@ -376,7 +390,8 @@ def vs_pipeline(config: Config, resolution: int, repeats: int = 3) -> dict:
     prompts = [run.prompts[i % len(run.prompts)] for i in range(sample.batch_size)]
     ids = torch.arange(sample.batch_size) % len(run.prompts)
     run.pipe.scheduler = copy.deepcopy(run.policy.sampler.scheduler)
-    run.pipe.text_encoder.to(device)  # the pipeline encodes on the device
+    for encoder in run.policy.family.text_encoders(run.pipe):
+        encoder.to(device)  # the pipeline encodes on the device
     negative = config.prompts.negative_prompt or None
 
     def ours():

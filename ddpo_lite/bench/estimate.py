@@ -131,18 +131,48 @@ class MetaModels:
 
     unet: torch.nn.Module
     vae: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
     reward: torch.nn.Module | None
     """The reward's vision model (None when the reward runs no model on the accelerator)."""
     scheduler: object
     lora_params: list[torch.nn.Parameter]
     reward_dtype: torch.dtype
     resolution: int
+    family: object = None
+    """The model family (families/): its guided call and conditioning shapes."""
+    reward_text: torch.nn.Module | None = None
+    """The reward's text tower, for the CLIP-pair rewards (CLIPScore, PickScore, HPS): weights
+    only (its forward on 77 tokens is small)."""
     note: str = ""
 
 
 #: Rewards that run no model on the accelerator.
 CPU_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
+#: Rewards whose model is a CLIP ViT-H/14 (the others are counted as a ViT-L/14).
+VIT_H_REWARDS = ("pickscore", "hps")
+#: Rewards that hold a CLIP text tower beside the vision one.
+TEXT_TOWER_REWARDS = ("clip_score", "pickscore", "hps")
+#: The text towers' published configs (openai/clip-vit-large-patch14, laion CLIP-ViT-H-14).
+CLIP_VIT_L_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+CLIP_VIT_H_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    projection_dim=1024,
+    hidden_act="gelu",
+)
 
 
 def _reward_names(config: Config) -> list[str]:
@@ -151,29 +181,48 @@ def _reward_names(config: Config) -> list[str]:
     return list(config.reward.weights) or [config.reward.name]
 
 
-def build_meta_models(config: Config, resolution: int = 512) -> MetaModels:
+def is_sdxl(config: Config) -> bool:
+    """Whether the config names an SDXL model (by family, or by a name the estimate knows)."""
+    name = config.model.name.lower()
+    return config.model.family == "sdxl" or "sdxl" in name or "-xl-" in name
+
+
+def build_meta_models(config: Config, resolution: int | None = None) -> MetaModels:
     """The config's pipeline and reward model on the meta device, levers applied, LoRA on.
-    `resolution` (pixels) applies to SD 1.x models; the tiny model has its own (32)."""
+    `resolution` (pixels) applies to the published-architecture models (default: the config's
+    `sample.resolution`, else 512 for SD 1.x and 1024 for SDXL); the tiny models have their own
+    (32)."""
+    from ddpo_lite.families import family_of
     from ddpo_lite.models.lora import attach_lora
     from ddpo_lite.models.memory import apply_memory_settings
 
     name = config.model.name
     note = ""
-    if name == "tiny" or name.startswith("tiny:"):
+    if name.split(":")[0] in ("tiny", "tiny-sdxl"):
         from ddpo_lite.models import load_pipeline
 
         pipe = load_pipeline(name, seed=config.model.seed)
-        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for model in (pipe.unet, pipe.vae, *family_of(pipe).text_encoders(pipe)):
             model.to("meta")
+    elif is_sdxl(config):
+        from ddpo_lite.bench.sdxl import SDXL_RANDOM, build_sdxl_pipeline
+
+        resolution = resolution or config.sample.resolution or 1024
+        pipe = build_sdxl_pipeline(resolution=resolution, device="meta")
+        if name != SDXL_RANDOM:
+            note = f"model {name!r} estimated with SDXL base 1.0's published architecture"
     else:
         from ddpo_lite.bench.sd15 import SD15_RANDOM, build_sd15_pipeline
 
+        resolution = resolution or config.sample.resolution or 512
         pipe = build_sd15_pipeline(resolution=resolution, device="meta")
         if name != SD15_RANDOM:
             note = (
                 f"model {name!r} estimated with SD 1.5's published architecture "
                 "(SD 1.x: 1.4 and 1.5 share it)"
             )
+    family = family_of(pipe)
+    text_encoders = family.text_encoders(pipe)
     # the levers, exactly as the trainer applies them; xformers is counted as SDPA's
     # memory-efficient kernel (it is one), so the estimate does not need xformers installed
     memory = config.memory
@@ -185,33 +234,52 @@ def build_meta_models(config: Config, resolution: int = 512) -> MetaModels:
         pipe.unet.enable_gradient_checkpointing(
             gradient_checkpointing_func=checkpoint_with_autocast
         )
-    pipe.text_encoder.to(meta)
+    for encoder in text_encoders:
+        encoder.to(meta)
     params = attach_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
 
     reward = None
     reward_names = _reward_names(config)
     # the model rewards run fp16 on a GPU (rewards/_models.resolve_dtype)
     reward_dtype = torch.float32 if memory.cpu else torch.float16
-    if any(r not in CPU_REWARDS for r in reward_names):
+    model_rewards = [r for r in reward_names if r not in CPU_REWARDS]
+    reward_text = None
+    if any(r in TEXT_TOWER_REWARDS for r in model_rewards):
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        vit_h = any(r in VIT_H_REWARDS for r in model_rewards)
+        with torch.device("meta"):
+            reward_text = CLIPTextModelWithProjection(
+                CLIPTextConfig(**(CLIP_VIT_H_TEXT if vit_h else CLIP_VIT_L_TEXT))
+            )
+        reward_text = reward_text.to(reward_dtype).eval()
+    if any(r in VIT_H_REWARDS for r in model_rewards):
+        from ddpo_lite.bench.sdxl import build_clip_vision_h
+
+        reward = build_clip_vision_h(device="meta").to(reward_dtype).eval()
+        vision = "CLIP ViT-H/14 (PickScore's and HPS v2's model)"
+        exact = VIT_H_REWARDS
+    elif model_rewards:
         from ddpo_lite.bench.sd15 import build_clip_vision
 
         reward = build_clip_vision(device="meta").to(reward_dtype).eval()
-        others = [r for r in reward_names if r not in CPU_REWARDS and r != "aesthetic"]
-        if others:
-            note += (
-                f"{'; ' if note else ''}reward(s) {others} estimated as a CLIP ViT-L/14 "
-                "(the aesthetic reward's model)"
-            )
+        vision = "CLIP ViT-L/14 (the aesthetic reward's model)"
+        exact = ("aesthetic", "clip_score")
+    others = [r for r in model_rewards if r not in (exact if model_rewards else ())]
+    if others:
+        note += f"{'; ' if note else ''}reward(s) {others} estimated as a {vision}"
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return MetaModels(
         unet=pipe.unet,
         vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
+        text_encoders=text_encoders,
         reward=reward,
+        reward_text=reward_text,
         scheduler=pipe.scheduler,
         lora_params=params,
         reward_dtype=reward_dtype,
         resolution=resolution,
+        family=family,
         note=note,
     )
 
@@ -238,15 +306,15 @@ def _rounded(nbytes: int) -> int:
     return math.ceil(nbytes / CUDA_BLOCK) * CUDA_BLOCK
 
 
-def trajectory_bytes(num_samples: int, num_steps: int, latent_shape, embed_shape, embed_dtype):
-    """Bytes a `Trajectory` of `num_samples` holds (latents and actions stay float32)."""
+def trajectory_bytes(num_samples: int, num_steps: int, latent_shape, cond_row_bytes: list[int]):
+    """Bytes a `Trajectory` of `num_samples` holds (latents and actions stay float32);
+    `cond_row_bytes`: one sample's bytes of each conditioning tensor (prompt_embeds, ...)."""
     elements = math.prod(latent_shape)
-    embed_size = torch.empty((), dtype=embed_dtype).element_size()
     return (
         _rounded(num_samples * (num_steps + 1) * elements * 4)  # the chain x_T .. x_0
         + _rounded(num_samples * num_steps * 8)  # timesteps (long)
         + _rounded(num_samples * num_steps * 4)  # log_probs
-        + _rounded(num_samples * math.prod(embed_shape) * embed_size)  # prompt_embeds
+        + sum(_rounded(num_samples * row) for row in cond_row_bytes)  # the conditioning
         + _rounded(num_samples * 8)  # prompt_ids
     )
 
@@ -268,19 +336,17 @@ def _autocast_dtype(config: Config) -> torch.dtype | None:
     return None if mixed == "no" else DTYPES[mixed]
 
 
-def _embeds(models: MetaModels, batch: int) -> torch.Tensor:
-    cfg = models.text_encoder.config
-    return torch.empty(
-        batch,
-        cfg.max_position_embeddings,
-        cfg.hidden_size,
-        device="meta",
-        dtype=_embed_dtype(models),
-    )
+def _cond(models: MetaModels, batch: int):
+    """Empty conditioning of the family's shapes, in the text encoders' dtype."""
+    return models.family.empty_cond(models.text_encoders, batch, "meta", _embed_dtype(models))
+
+
+def _cond_row_bytes(models: MetaModels) -> list[int]:
+    return [t[0].numel() * t.element_size() for t in _cond(models, 1).tensors.values()]
 
 
 def _embed_dtype(models: MetaModels) -> torch.dtype:
-    return next(models.text_encoder.parameters()).dtype
+    return next(models.text_encoders[-1].parameters()).dtype
 
 
 def _latent_shape(models: MetaModels) -> tuple[int, int, int]:
@@ -290,22 +356,17 @@ def _latent_shape(models: MetaModels) -> tuple[int, int, int]:
 
 def sampling_step_peak(models: MetaModels, config: Config, batch: int) -> int:
     """One denoising step of `batch` images (CFG doubles the UNet batch), as `rollout` runs it."""
-    from ddpo_lite.sampling import ddim_step_with_logprob, predict_noise
-
     scheduler = _scheduler(models, config)
+    policy = _meta_policy(models, config, scheduler)
     latents = torch.empty(batch, *_latent_shape(models), device="meta")
-    embeds = _embeds(models, batch)
-    negative = _embeds(models, 1) if config.sample.guidance_scale > 1 else None
-    autocast = autocast_factory(_autocast_dtype(config))
+    cond = _cond(models, batch)
+    negative = _cond(models, 1) if config.sample.guidance_scale > 1 else None
     t = scheduler.timesteps[0]
 
     @torch.no_grad()
     def step():
-        with autocast():
-            noise = predict_noise(
-                models.unet, latents, t, embeds, negative, config.sample.guidance_scale
-            )
-        ddim_step_with_logprob(scheduler, noise, t, latents, eta=max(config.sample.eta, 1e-3))
+        output = policy.predict(latents, t, cond, negative)
+        policy.sampler.step(output, t, latents)
 
     return _counted(step)
 
@@ -327,14 +388,16 @@ def decode_peak(models: MetaModels, batch: int) -> int:
 
 
 def encode_peak(models: MetaModels, batch: int) -> int:
-    """The text encoder on `batch` prompts (the prompt encoder's preload batches of <= 64)."""
-    ids = torch.zeros(batch, models.text_encoder.config.max_position_embeddings, dtype=torch.long)
-    ids = ids.to("meta")
+    """The text encoders on `batch` prompts, one after the other, each one's output kept (the
+    prompt encoder's preload batches of <= 64)."""
+    length = models.text_encoders[0].config.max_position_embeddings
+    ids = torch.zeros(batch, length, dtype=torch.long).to("meta")
 
     @torch.no_grad()
     def encode():
         with autocast_factory(None)():
-            models.text_encoder(ids)
+            outputs = [encoder(ids, output_hidden_states=True) for encoder in models.text_encoders]
+            del outputs
 
     return _counted(encode)
 
@@ -366,12 +429,11 @@ def _scheduler(models: MetaModels, config: Config):
 def _meta_policy(models: MetaModels, config: Config, scheduler):
     """The run's policy over the meta-device models (no pipeline, no prompt encoder: the
     estimate feeds embeddings of the right shape itself)."""
-    from ddpo_lite.families.sd1 import SD1
     from ddpo_lite.policy import Policy
     from ddpo_lite.samplers.ddim import DDIMSampler
 
     return Policy(
-        family=SD1,
+        family=models.family,
         pipe=None,
         denoiser=models.unet,
         sampler=DDIMSampler(scheduler, max(config.sample.eta, 1e-3)),
@@ -394,7 +456,6 @@ def train_shape(config: Config) -> tuple[int, int, int]:
 def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk: int) -> int:
     """Forward+backward of one chunk (`samples` x `chunk` timesteps) through `chunk_loss`, the
     update's own loss, with the LoRA gradients already allocated (they persist across chunks)."""
-    from ddpo_lite.families import Cond
     from ddpo_lite.sampling import Trajectory
     from ddpo_lite.update import UpdateSettings, chunk_loss
 
@@ -406,12 +467,8 @@ def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk:
         chain=torch.empty(samples, n + 1, *latent, device="meta"),
         timesteps=scheduler.timesteps.repeat(samples, 1).to("meta"),
         log_probs=torch.empty(samples, n, device="meta"),
-        cond=Cond({"prompt_embeds": _embeds(models, samples)}),
-        negative=(
-            Cond({"prompt_embeds": _embeds(models, 1)})
-            if config.sample.guidance_scale > 1
-            else None
-        ),
+        cond=_cond(models, samples),
+        negative=_cond(models, 1) if config.sample.guidance_scale > 1 else None,
         prompt_ids=torch.zeros(samples, dtype=torch.long, device="meta"),
     )
     cols = torch.arange(chunk).repeat(samples, 1).to("meta")
@@ -452,9 +509,11 @@ def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk:
 # ---------------------------------------------------------------------------------------------
 
 
-def estimate(config: Config, models: MetaModels | None = None, resolution: int = 512) -> Estimate:
+def estimate(
+    config: Config, models: MetaModels | None = None, resolution: int | None = None
+) -> Estimate:
     """Predict `config`'s peak accelerator memory per phase (see the module docstring);
-    `resolution` in pixels for SD 1.x models."""
+    `resolution` in pixels for the published-architecture models (`build_meta_models`)."""
     start = time.perf_counter()
     models = models or build_meta_models(config, resolution)
     transients = Transients(models, config)
@@ -506,8 +565,8 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
     memory, sample, train = config.memory, config.sample, config.train
     unet = module_bytes(models.unet)  # base weights + LoRA parameters
     vae = module_bytes(models.vae)
-    text = module_bytes(models.text_encoder)
-    reward = module_bytes(models.reward)
+    text = sum(module_bytes(encoder) for encoder in models.text_encoders)
+    reward = module_bytes(models.reward) + module_bytes(models.reward_text)
     adam = adam_state_bytes(models.lora_params, memory.use_8bit_adam)
     grads = sum(_rounded(p.numel() * 4) for p in models.lora_params)
 
@@ -518,12 +577,9 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
         resident["reward_weights"] = reward
     base = sum(resident.values())
 
-    embed_shape = (models.text_encoder.config.max_position_embeddings,)
-    embed_shape += (models.text_encoder.config.hidden_size,)
+    cond_rows = _cond_row_bytes(models)
     latent = _latent_shape(models)
-    per_batch = trajectory_bytes(
-        sample.batch_size, sample.num_steps, latent, embed_shape, _embed_dtype(models)
-    )
+    per_batch = trajectory_bytes(sample.batch_size, sample.num_steps, latent, cond_rows)
     epoch_traj = per_batch * sample.num_batches_per_epoch
 
     # run start: the prompt encoder encodes the prompt list in batches of <= 64
@@ -570,9 +626,7 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
         train.gradient_accumulation * train.batch_size,
         sample.batch_size * sample.num_batches_per_epoch,
     )
-    gathered = trajectory_bytes(
-        step_samples, sample.num_steps, latent, embed_shape, _embed_dtype(models)
-    )
+    gathered = trajectory_bytes(step_samples, sample.num_steps, latent, cond_rows)
     train_t = transients.training(micro, chunk)
     training = PhaseEstimate(
         base + epoch_traj + gathered + grads + train_t,

@@ -177,8 +177,9 @@ def select_for_vram(config: Config, vram_gb: float) -> tuple[Config, str]:
         raise ConfigError(
             f"--vram {vram_gb:g}: nothing fits; the leanest settings (every lever on, 1 sample x "
             f"1 timestep per backward) are predicted to need {floor.device_bytes / GiB:.2f} GiB "
-            f"(largest phase: {largest}); use a larger card or fewer samples per epoch "
-            "(sample.num_batches_per_epoch)"
+            f"(largest phase: {largest}); use a larger card, fewer samples per epoch "
+            "(sample.num_batches_per_epoch), a smaller sample.resolution, or reward.overlap = "
+            "false (the reward then never meets a denoising step)"
         )
     best = None
     for step in ladder:

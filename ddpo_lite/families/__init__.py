@@ -95,6 +95,8 @@ class Family(Protocol):
 
     def decode(self, pipe, latents: torch.Tensor) -> list[Image.Image]: ...
 
+    def empty_cond(self, text_encoders, batch: int, device="meta", dtype=None) -> Cond: ...
+
 
 def latent_shape(pipe, batch: int, resolution: int) -> tuple[int, int, int, int]:
     """(B, C, h, w) of the initial noise for square images of `resolution` pixels."""

@@ -85,5 +85,11 @@ class _SD1:
     def decode(self, pipe, latents: torch.Tensor) -> list[Image.Image]:
         return decode_with_vae(pipe, latents)
 
+    def empty_cond(self, text_encoders, batch: int, device="meta", dtype=None) -> Cond:
+        """A `Cond` of the shapes `encode` gives (for the meta-device memory estimate)."""
+        config = text_encoders[0].config
+        shape = (batch, config.max_position_embeddings, config.hidden_size)
+        return Cond({"prompt_embeds": torch.empty(shape, device=device, dtype=dtype)})
+
 
 SD1 = _SD1()

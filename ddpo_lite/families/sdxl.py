@@ -103,5 +103,18 @@ class _SDXL:
     def decode(self, pipe, latents: torch.Tensor) -> list[Image.Image]:
         return decode_with_vae(pipe, latents)
 
+    def empty_cond(self, text_encoders, batch: int, device="meta", dtype=None) -> Cond:
+        """A `Cond` of the shapes `encode` gives (for the meta-device memory estimate)."""
+        first, second = (encoder.config for encoder in text_encoders)
+        length = first.max_position_embeddings
+        width = first.hidden_size + second.hidden_size
+        return Cond(
+            {
+                "prompt_embeds": torch.empty(batch, length, width, device=device, dtype=dtype),
+                "pooled": torch.empty(batch, second.projection_dim, device=device, dtype=dtype),
+                "time_ids": torch.empty(batch, 6, device=device, dtype=dtype),
+            }
+        )
+
 
 SDXL = _SDXL()

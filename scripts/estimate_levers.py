@@ -1,0 +1,69 @@
+"""The memory levers one by one, predicted by the meta-device estimate: a markdown table.
+
+What: for a preset (default sdxl-aesthetic) at several resolutions, the predicted peak on the card
+(allocated x allocator overhead + CUDA context, as `ddpo-lite bench --estimate` prints it) as the
+levers are switched on cumulatively, from none to the preset's own. Why: which lever buys what,
+before any GPU has run it. Predictions, not measurements: the estimate's assumptions apply.
+
+    OMP_NUM_THREADS=1 python scripts/estimate_levers.py [--preset sdxl-aesthetic] [--res 1024 768 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ddpo_lite.bench.estimate import GiB, estimate
+from ddpo_lite.config import load_config
+
+#: Cumulative steps: (label, overrides added to the previous step's).
+STEPS = [
+    (
+        "no memory lever (fp32 weights under fp16 autocast, math attention), 1 sample x 1 "
+        "timestep per backward",
+        [
+            "memory.half_base=false",
+            "memory.attention='math'",
+            "memory.gradient_checkpointing=false",
+            "memory.use_8bit_adam=false",
+            "memory.vae_slicing=false",
+            "memory.offload_text_encoder=false",
+            "memory.offload_reward=false",
+            "reward.overlap=true",
+            "train.micro_batch_size=1",
+            "train.timestep_chunk=1",
+        ],
+    ),
+    ("+ fp16 frozen weights (half_base)", ["memory.half_base=true"]),
+    ("+ SDPA attention", ["memory.attention='sdpa'"]),
+    ("+ text encoders off the GPU", ["memory.offload_text_encoder=true"]),
+    ("+ VAE slicing", ["memory.vae_slicing=true"]),
+    ("+ gradient checkpointing", ["memory.gradient_checkpointing=true"]),
+    ("+ 8-bit AdamW", ["memory.use_8bit_adam=true"]),
+    ("+ reward model off the GPU between calls", ["memory.offload_reward=true"]),
+    ("+ reward scored after each batch (overlap off)", ["reward.overlap=false"]),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="sdxl-aesthetic")
+    parser.add_argument("--res", type=int, nargs="+", default=[1024, 768, 512])
+    args = parser.parse_args()
+    header = "| levers (cumulative) | " + " | ".join(f"{r} px" for r in args.res) + " |"
+    rows = [header, "|" + " --- |" * (len(args.res) + 1)]
+    overrides: list[str] = []
+    for label, step in STEPS:
+        overrides += step
+        cells = []
+        for res in args.res:
+            config = load_config(args.preset, [*overrides, f"sample.resolution={res}"])
+            result = estimate(config)
+            largest = max(result.phases, key=lambda n: result.phases[n].peak_bytes)
+            cells.append(f"{result.device_bytes / GiB:.2f} ({largest})")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
