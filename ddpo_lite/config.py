@@ -70,7 +70,10 @@ class SampleConfig:
 @dataclass
 class TrainConfig:
     algorithm: str = "ddpo-is"
-    """'ddpo-is' (PPO-style clipping), 'ddpo-sf' (score function) or 'rwr'."""
+    """'ddpo-is' (PPO-style clipping), 'ddpo-sf' (score function), 'rwr', or the log-prob-free
+    'nft' (DiffusionNFT) and 'awm' (advantage-weighted matching): these keep no trajectory (only
+    the final latents), may sample deterministically (sample.eta = 0) and take one optimizer
+    step per epoch; docs/ALGORITHM.md."""
     learning_rate: float = 3e-4
     batch_size: int = 1
     """Samples per forward+backward batch on each process."""
@@ -101,6 +104,15 @@ class TrainConfig:
     nothing (no base forward)."""
     rwr_temperature: float = 1.0
     rwr_sparse_quantile: float = 0.9
+    nft_beta: float = 1.0
+    """NFT only: the guidance strength beta mixing the current and the old policy into the
+    implicit positive (1-beta) old + beta new and negative (1+beta) old - beta new policies
+    (the paper's default 1.0; 0.1 for its OCR and multi-reward runs). The reward maps to the
+    optimality probability r = clip(A, +-adv_clip_max) / adv_clip_max / 2 + 1/2."""
+    awm_weighting: str = "uniform"
+    """AWM only: 'uniform' (the plain denoising error, DDPM's L_simple) or 'ghuber' (the
+    authors' default: sigma_t * (error^p - 0) / p, p = awm_power)."""
+    awm_power: float = 0.25
 
 
 @dataclass
@@ -263,6 +275,13 @@ class Config:
             ("train.rwr_weighting", t.rwr_weighting in ("exp", "sparse"), "'exp' or 'sparse'"),
             ("train.rwr_temperature", t.rwr_temperature > 0, "a number > 0"),
             ("train.rwr_sparse_quantile", 0 <= t.rwr_sparse_quantile < 1, "a number in [0, 1)"),
+            ("train.nft_beta", t.nft_beta > 0, "a number > 0"),
+            (
+                "train.awm_weighting",
+                t.awm_weighting in ("uniform", "ghuber"),
+                "'uniform' or 'ghuber'",
+            ),
+            ("train.awm_power", t.awm_power > 0, "a number > 0"),
             ("advantages.buffer_size", a.buffer_size >= 1, "an integer >= 1"),
             ("advantages.min_count", a.min_count >= 1, "an integer >= 1"),
             ("lora.rank", self.lora.rank >= 1, "an integer >= 1"),
@@ -300,10 +319,21 @@ class Config:
                 f"sample.eta = {s.eta} gives a deterministic sampler with no log-probability; "
                 f"{t.algorithm} needs eta > 0 (the paper uses 1.0), or use train.algorithm = 'rwr'"
             )
-        if t.algorithm == "ddpo-sf" and t.num_inner_epochs != 1:
+        if t.algorithm in ONE_STEP_ALGORITHMS and t.num_inner_epochs != 1:
             raise ConfigError(
-                f"train.num_inner_epochs = {t.num_inner_epochs}: ddpo-sf is on-policy only and "
-                "takes one optimizer step per epoch; set it to 1 or use ddpo-is"
+                f"train.num_inner_epochs = {t.num_inner_epochs}: {t.algorithm} is on-policy "
+                "only and takes one optimizer step per epoch; set it to 1 or use ddpo-is"
+            )
+        if s.eta == 0 and s.group_size > 1:
+            raise ConfigError(
+                f"sample.eta = 0 with sample.group_size = {s.group_size}: a group's images share "
+                "their prompt and starting noise, so a deterministic sampler makes them identical "
+                "and every advantage 0; set sample.eta > 0 or sample.group_size = 1"
+            )
+        if t.algorithm in TRAJECTORY_FREE and self.guard.max_kl:
+            raise ConfigError(
+                f"guard.max_kl measures the KL along stored trajectories, and {t.algorithm} "
+                "stores none: set guard.max_kl = 0 (or use ddpo-is)"
             )
         url = self.reward.url
         if url and not (url.startswith(("http://", "https://")) and url.split("://", 1)[1]):
@@ -330,7 +360,11 @@ class Config:
         return self
 
 
-ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr")
+ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr", "nft", "awm")
+#: Algorithms that need no log-probability: the rollout keeps only the final latents.
+TRAJECTORY_FREE = ("nft", "awm")
+#: On-policy algorithms: one optimizer step per epoch (the old policy is the current one).
+ONE_STEP_ALGORITHMS = ("ddpo-sf", "nft", "awm")
 FAMILIES = ("sd1", "sdxl")  # ddpo_lite.families.FAMILY_NAMES
 TRACKERS = ("tensorboard", "wandb")
 PRECISIONS = ("no", "fp16", "bf16")

@@ -82,6 +82,7 @@ def evaluate(
                 texts,
                 torch.zeros(num_per_prompt, dtype=torch.long),
                 torch.Generator().manual_seed(seed + j),
+                record=False,  # images only (the same draws as a recording rollout)
             )
             values, _ = reward(batch, texts, [{} for _ in batch])
             rewards.append(np.asarray(values, dtype=np.float64))

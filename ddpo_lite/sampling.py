@@ -184,6 +184,7 @@ def rollout(
     prompt_ids: torch.Tensor,
     generator: torch.Generator,
     group_size: int = 1,
+    record: bool = True,
 ) -> tuple[list[Image.Image], Trajectory]:
     """Sample one batch of images for `prompts` from `policy` and record its trajectory.
 
@@ -191,6 +192,10 @@ def rollout(
     and image processor are the pipeline's. Latents stay in float32 from start to end; what is
     stored is exactly what was scored. With `group_size` > 1, consecutive groups of that many
     images share one initial latent (their prompts are the caller's to repeat).
+
+    `record=False` (the log-prob-free algorithms) keeps no chain: the trajectory's `chain` is
+    the final latent alone, (B, 1, C, H, W), and `log_probs` is empty, (B, 0); the sampler may
+    then be deterministic (eta = 0).
     """
     encoder, sampler = policy.encoder, policy.sampler
     device = encoder.device
@@ -209,16 +214,19 @@ def rollout(
     states, all_log_probs = [latents], []
     for t in sampler.timesteps:
         model_output = policy.predict(latents, t, cond, negative)
-        next_latents, log_prob = sampler.step(model_output, t, latents, generator=generator)
-        states.append(next_latents)
-        all_log_probs.append(log_prob)
+        if record:
+            next_latents, log_prob = sampler.step(model_output, t, latents, generator=generator)
+            states.append(next_latents)
+            all_log_probs.append(log_prob)
+        else:
+            next_latents = sampler.advance(model_output, t, latents, generator=generator)
         latents = next_latents
 
     images = policy.family.decode(policy.pipe, latents)
     trajectory = Trajectory(
-        chain=torch.stack(states, dim=1),
+        chain=torch.stack(states if record else [latents], dim=1),
         timesteps=sampler.timesteps.to(device).repeat(batch, 1),
-        log_probs=torch.stack(all_log_probs, dim=1),
+        log_probs=torch.stack(all_log_probs, dim=1) if record else latents.new_zeros(batch, 0),
         cond=cond,
         negative=negative,
         prompt_ids=prompt_ids.to(device),

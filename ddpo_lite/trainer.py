@@ -41,7 +41,7 @@ from rich.progress import (
 from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages, group_advantages
 from ddpo_lite.algorithms import rwr_weights
 from ddpo_lite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ddpo_lite.config import Config, ConfigError, to_dict, to_toml
+from ddpo_lite.config import TRAJECTORY_FREE, Config, ConfigError, to_dict, to_toml
 from ddpo_lite.drift import adapters_disabled, diversity, trajectory_kl
 from ddpo_lite.evaluate import (
     compare,
@@ -527,7 +527,7 @@ class TrainingLoop:
         """KL from the base model along this epoch's first trajectories, and sample diversity."""
         config = self.config
         row = {"diversity": diversity(samples.images, samples.prompts)}
-        if config.guard.kl_samples:
+        if config.guard.kl_samples and config.train.algorithm not in TRAJECTORY_FREE:
             kl = trajectory_kl(self.run.policy, samples.trajectory, config.guard.kl_samples)
             row["kl_to_base"] = float(kl.mean())
         return row
@@ -679,7 +679,8 @@ def sample_epoch(
         ids = torch.randint(len(prompts), (batch_size // group,), generator=generator)
         ids = ids.repeat_interleave(group)
         batch_texts = [prompts[i] for i in ids.tolist()]
-        batch_images, trajectory = rollout(run.policy, batch_texts, ids, generator, group)
+        record = config.train.algorithm not in TRAJECTORY_FREE  # NFT/AWM: final latents only
+        batch_images, trajectory = rollout(run.policy, batch_texts, ids, generator, group, record)
         metadata = [{} for _ in batch_images]
         if executor is not None:
             pending.append(executor.submit(reward, batch_images, batch_texts, metadata))

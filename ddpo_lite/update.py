@@ -17,8 +17,15 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from ddpo_lite.algorithms import ddpo_is_loss, ddpo_sf_loss, rwr_loss
-from ddpo_lite.config import Config
+from ddpo_lite.algorithms import (
+    awm_loss,
+    ddpo_is_loss,
+    ddpo_sf_loss,
+    nft_loss,
+    optimality_probability,
+    rwr_loss,
+)
+from ddpo_lite.config import ONE_STEP_ALGORITHMS, TRAJECTORY_FREE, Config
 from ddpo_lite.drift import adapters_disabled
 from ddpo_lite.policy import Policy
 from ddpo_lite.sampling import Trajectory
@@ -31,6 +38,10 @@ class UpdateSettings:
     algorithm: str
     clip_range: float
     kl_coef: float = 0.0
+    adv_clip_max: float = 5.0
+    nft_beta: float = 1.0
+    awm_weighting: str = "uniform"
+    awm_power: float = 0.25
 
 
 def score_log_probs(
@@ -76,6 +87,8 @@ def chunk_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed loss of one chunk: samples `batch`, their steps `cols` (B, k), per-sample
     `weights` (B,) = advantages (DDPO) or RWR weights; samples with `valid` False add nothing."""
+    if settings.algorithm in TRAJECTORY_FREE:
+        return matching_loss(policy, model, batch, cols, weights, valid, settings, generator)
     if settings.algorithm == "rwr":
         # denoising loss on the final samples x_0, noised afresh at the chunk's timesteps
         k = cols.shape[1]
@@ -102,6 +115,65 @@ def chunk_loss(
         kl_sum = (kl * valid[:, None]).sum()
         loss = loss + settings.kl_coef * kl_sum
         stats["kl_penalty"] = kl_sum.detach()
+    return loss, stats
+
+
+def matching_loss(
+    policy: Policy,
+    model: torch.nn.Module,
+    batch: Trajectory,
+    cols: torch.Tensor,
+    weights: torch.Tensor,
+    valid: torch.Tensor,
+    settings: UpdateSettings,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """NFT's or AWM's summed loss: each sample's final latent x0 noised afresh at the sampling
+    grid's timesteps `cols` (B, k), the conditional prediction (no CFG) against its target.
+
+    The old (sampling-time) policy NFT needs is the current one, detached: these algorithms
+    take one optimizer step per epoch, so until that step the LoRA is the one that sampled. No
+    second copy of any weights and no second forward. Dropped samples (`valid` False) add 0.
+    """
+    k = cols.shape[1]
+    rows = torch.arange(len(batch), device=cols.device)[:, None]
+    x0 = batch.chain[:, -1].repeat_interleave(k, dim=0)  # (B*k, C, H, W)
+    t = batch.timesteps[rows, cols].flatten()
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    sampler = policy.sampler
+    x_t = sampler.add_noise(x0, noise, t)
+    cond = batch.cond.repeat_interleave(k)
+    output = policy.predict(x_t, t, cond, None, model=model)
+    mask = valid.repeat_interleave(k).float()
+    advantages = weights.repeat_interleave(k) * mask
+    if settings.algorithm == "nft":
+        x0_pred = sampler.predict_x0(output, t, x_t)
+        r = optimality_probability(advantages, settings.adv_clip_max)
+        loss, stats = nft_loss(
+            x0_pred * mask.view(-1, 1, 1, 1),  # a dropped sample's error is 0: it adds nothing
+            x0_pred.detach() * mask.view(-1, 1, 1, 1),
+            x0 * mask.view(-1, 1, 1, 1),
+            r,
+            settings.nft_beta,
+            settings.adv_clip_max,
+        )
+    else:
+        target = sampler.target(x0, noise, t)
+        loss, stats = awm_loss(
+            output,
+            target,
+            advantages,
+            sampler.noise_level(t),
+            settings.awm_weighting,
+            settings.awm_power,
+        )
+    if settings.kl_coef:  # the papers' KL to the base: || output - base output ||^2
+        inner = getattr(model, "module", model)
+        with torch.no_grad(), adapters_disabled(inner):
+            base = policy.predict(x_t, t, cond, None, model=inner)
+        kl = ((output - base) ** 2).flatten(1).mean(1) * mask
+        loss = loss + settings.kl_coef * kl.sum()
+        stats["kl_penalty"] = kl.sum().detach()
     return loss, stats
 
 
@@ -188,9 +260,17 @@ def update(
     `model` is the policy's denoiser as the optimizer sees it (DDP-wrapped under several
     processes)."""
     train = config.train
-    settings = UpdateSettings(train.algorithm, train.clip_range, train.kl_coef)
+    settings = UpdateSettings(
+        train.algorithm,
+        train.clip_range,
+        train.kl_coef,
+        train.adv_clip_max,
+        train.nft_beta,
+        train.awm_weighting,
+        train.awm_power,
+    )
     device = trajectory.latents.device
-    num_samples, num_steps = trajectory.log_probs.shape
+    num_samples, num_steps = trajectory.timesteps.shape
     history: list[dict[str, float]] = []
     model.train()
     for _ in range(train.num_inner_epochs):
@@ -199,7 +279,8 @@ def update(
             num_samples, num_steps, train.timestep_fraction, generator, train.first_steps
         ).to(device)
         row_groups = order.split(train.batch_size)
-        per_step = len(row_groups) if train.algorithm == "ddpo-sf" else train.gradient_accumulation
+        one_step = train.algorithm in ONE_STEP_ALGORITHMS
+        per_step = len(row_groups) if one_step else train.gradient_accumulation
         for start in range(0, len(row_groups), per_step):
             # gather only this optimizer step's samples: no copy of the whole epoch's trajectory
             batches = [
@@ -243,7 +324,6 @@ def _any_valid(accelerator: Accelerator, batches) -> bool:
 
 def optimizer_steps(config: Config, num_samples: int) -> int:
     batches = math.ceil(num_samples / config.train.batch_size)
-    per_step = (
-        batches if config.train.algorithm == "ddpo-sf" else config.train.gradient_accumulation
-    )
+    one_step = config.train.algorithm in ONE_STEP_ALGORITHMS
+    per_step = batches if one_step else config.train.gradient_accumulation
     return config.train.num_inner_epochs * math.ceil(batches / per_step)

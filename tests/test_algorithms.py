@@ -66,3 +66,52 @@ def test_rwr_weights_by_hand():
     torch.testing.assert_close(w, torch.tensor([0.0, 0.0, 0.0, 4.0]))
     with pytest.raises(ValueError, match="weighting"):
         rwr_weights(r, "linear", 1.0, 0.9)
+
+
+# --- DiffusionNFT and AWM (hand-computed values in the comments) ------------------------------
+
+
+def test_nft_loss_by_hand():
+    from ddpo_lite.algorithms import nft_loss
+
+    # one element; on-policy (x0_old = x0_pred = 1), target 0, beta 1, r 0.75, m 5:
+    # x0+ = 1, x0- = 2*1 - 1 = 1; l+ = l- = 1^2 / 1 = 1; loss = 5/1 * (0.75 + 0.25) = 5
+    x0_pred = torch.ones(1, 1, 1, 1, requires_grad=True)
+    loss, stats = nft_loss(x0_pred, torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1),
+                           torch.tensor([0.75]), beta=1.0, adv_clip_max=5.0)  # fmt: skip
+    assert float(loss) == pytest.approx(5.0)
+    # d/dx0_pred: 5 * (0.75 * 2 * 1 * beta - 0.25 * 2 * 1 * beta) / 1 = 5: on-policy the gradient
+    # is (m / beta) * 2 * beta * (2r - 1) * error / scale, an advantage-weighted regression
+    loss.backward()
+    assert float(x0_pred.grad) == pytest.approx(5.0)
+    # two equal elements; beta 0.5, x0_old 2, x0_pred 1, target 0, r 0.2:
+    # x0+ = 0.5 + 1 = 1.5 -> 2.25 / 1.5 = 1.5; x0- = 1.5 * 2 - 0.5 = 2.5 -> 6.25 / 2.5 = 2.5
+    # loss = 5 / 0.5 * (0.2 * 1.5 + 0.8 * 2.5) = 10 * 2.3 = 23
+    loss, stats = nft_loss(torch.ones(1, 2, 1, 1), torch.full((1, 2, 1, 1), 2.0),
+                           torch.zeros(1, 2, 1, 1), torch.tensor([0.2]), 0.5, 5.0)  # fmt: skip
+    assert float(loss) == pytest.approx(23.0)
+    assert float(stats["positive_loss"]) == pytest.approx(1.5)
+    assert float(stats["negative_loss"]) == pytest.approx(2.5)
+
+
+def test_optimality_probability_by_hand():
+    from ddpo_lite.algorithms import optimality_probability
+
+    advantages = torch.tensor([-10.0, -5.0, 0.0, 2.5, 5.0, 7.0])
+    expected = torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0])  # clip(A, -5, 5) / 5 / 2 + 1/2
+    torch.testing.assert_close(optimality_probability(advantages, 5.0), expected)
+
+
+def test_awm_loss_by_hand():
+    from ddpo_lite.algorithms import awm_loss
+
+    out, target = torch.tensor([1.0, 3.0]).view(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)
+    adv, t = torch.tensor([-0.5]), torch.tensor([0.5])
+    # e = (1 + 9) / 2 = 5; uniform: -0.5 * 5 = -2.5
+    loss, stats = awm_loss(out, target, adv, t, "uniform")
+    assert float(loss) == pytest.approx(-2.5) and float(stats["mse"]) == pytest.approx(5.0)
+    # ghuber, p = 0.5: t * ((5 + 1e-10)^0.5 - 1e-5) / 0.5 = sqrt(5) - 1e-5; times -0.5
+    loss, _ = awm_loss(out, target, adv, t, "ghuber", power=0.5)
+    assert float(loss) == pytest.approx(-0.5 * (5**0.5 - 1e-5), rel=1e-6)
+    with pytest.raises(ValueError, match="weighting"):
+        awm_loss(out, target, adv, t, "huber")

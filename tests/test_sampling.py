@@ -153,3 +153,25 @@ def test_eta_zero_has_no_logprob():
         ddim_step_with_logprob(
             scheduler, torch.zeros(1, 4, 8, 8), 1, torch.zeros(1, 4, 8, 8), eta=0
         )
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_x0_target_and_deterministic_step_match_diffusers(prediction_type):
+    """The log-prob-free algorithms' pieces, held to diffusers: x0_hat is DDIMScheduler.step's
+    pred_original_sample, the v target is its get_velocity, and the eta = 0 step is its step."""
+    from ddpo_lite.samplers.ddim import DDIMSampler
+
+    scheduler = make_scheduler(10, prediction_type=prediction_type)
+    sampler = DDIMSampler(scheduler, eta=0.0)
+    gen = torch.Generator().manual_seed(0)
+    x_t, out = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    for t in first_middle_last(scheduler):
+        theirs = scheduler.step(out, t, x_t, eta=0.0)
+        ts = torch.tensor([t, t])
+        torch.testing.assert_close(sampler.predict_x0(out, ts, x_t), theirs.pred_original_sample)
+        torch.testing.assert_close(sampler.advance(out, ts, x_t), theirs.prev_sample)
+        x0, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+        expected = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, ts)
+        torch.testing.assert_close(sampler.target(x0, noise, ts), expected)
+        a = scheduler.alphas_cumprod[t]
+        torch.testing.assert_close(sampler.noise_level(ts), (1 - a).sqrt().repeat(2))

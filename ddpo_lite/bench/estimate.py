@@ -48,7 +48,7 @@ from ddpo_lite.bench.counting import (
     checkpoint_with_autocast,
     module_bytes,
 )
-from ddpo_lite.config import Config
+from ddpo_lite.config import ONE_STEP_ALGORITHMS, TRAJECTORY_FREE, Config
 from ddpo_lite.models.memory import DTYPES
 
 GiB = 2**30
@@ -579,7 +579,9 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
 
     cond_rows = _cond_row_bytes(models)
     latent = _latent_shape(models)
-    per_batch = trajectory_bytes(sample.batch_size, sample.num_steps, latent, cond_rows)
+    # NFT / AWM keep no chain: the final latents alone (a chain of 0 steps)
+    steps = 0 if train.algorithm in TRAJECTORY_FREE else sample.num_steps
+    per_batch = trajectory_bytes(sample.batch_size, steps, latent, cond_rows)
     epoch_traj = per_batch * sample.num_batches_per_epoch
 
     # run start: the prompt encoder encodes the prompt list in batches of <= 64
@@ -622,11 +624,11 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
     )
 
     micro, chunk, _ = train_shape(config)
-    step_samples = min(
-        train.gradient_accumulation * train.batch_size,
-        sample.batch_size * sample.num_batches_per_epoch,
-    )
-    gathered = trajectory_bytes(step_samples, sample.num_steps, latent, cond_rows)
+    epoch_samples = sample.batch_size * sample.num_batches_per_epoch
+    step_samples = min(train.gradient_accumulation * train.batch_size, epoch_samples)
+    if train.algorithm in ONE_STEP_ALGORITHMS:  # one optimizer step gathers the whole epoch
+        step_samples = epoch_samples
+    gathered = trajectory_bytes(step_samples, steps, latent, cond_rows)
     train_t = transients.training(micro, chunk)
     training = PhaseEstimate(
         base + epoch_traj + gathered + grads + train_t,

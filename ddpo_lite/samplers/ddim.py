@@ -33,15 +33,14 @@ def ddim_mean_std(
     eta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (like `sample`) and std (broadcastable, (B, 1, ...)) of the DDIM policy
-    p(x_{t-1} | x_t), in float32; `ddim_step_with_logprob` documents the formulas."""
+    p(x_{t-1} | x_t), in float32; `ddim_step_with_logprob` documents the formulas. eta = 0 is
+    the deterministic DDIM step (std 0: no log-probability)."""
     if scheduler.num_inference_steps is None:
         raise ValueError("scheduler.set_timesteps(num_steps) must be called before stepping")
     if scheduler.config.thresholding:
         raise ValueError("DDIM thresholding is not supported: set scheduler thresholding=False")
-    if eta <= 0:
-        raise ValueError(
-            f"eta must be > 0 for a stochastic policy with a log-probability, got {eta}"
-        )
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
 
     model_output = model_output.float()
     sample = sample.float()
@@ -139,6 +138,10 @@ def ddim_step_with_logprob(
     Held against `diffusers.DDIMScheduler.step(..., eta=eta, variance_noise=z)` in
     tests/test_sampling.py: same mean and std, and the same density as a float64 reference.
     """
+    if eta <= 0:
+        raise ValueError(
+            f"eta must be > 0 for a stochastic policy with a log-probability, got {eta}"
+        )
     mean, std_dev = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
     device = sample.device
     ndim = sample.ndim
@@ -156,6 +159,44 @@ def ddim_step_with_logprob(
     )
     log_prob = log_prob.mean(dim=tuple(range(1, ndim)))
     return prev_sample, log_prob
+
+
+def _alpha_bar(scheduler: DDIMScheduler, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    t = torch.as_tensor(t).long().reshape(-1)
+    return _gather(scheduler.alphas_cumprod.float(), t, ndim)
+
+
+def predict_x0(
+    scheduler: DDIMScheduler, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor
+) -> torch.Tensor:
+    """x0_hat from the model output at x_t (epsilon, v or sample prediction), float32: the same
+    step 2 as `ddim_mean_std`, without clipping. Affine in the model output at fixed x_t."""
+    a = _alpha_bar(scheduler, t.to(sample.device), sample.ndim)
+    model_output, sample = model_output.float(), sample.float()
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (sample - (1 - a).sqrt() * model_output) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * sample - (1 - a).sqrt() * model_output
+    if kind == "sample":
+        return model_output
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def regression_target(
+    scheduler: DDIMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """What the model regresses onto for x_t = sqrt(a) x0 + sqrt(1 - a) noise: noise (epsilon),
+    sqrt(a) noise - sqrt(1 - a) x0 (v, diffusers' `get_velocity`) or x0 (sample)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        a = _alpha_bar(scheduler, t.to(x0.device), x0.ndim)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -185,6 +226,30 @@ class DDIMSampler:
         return ddim_step_with_logprob(
             self.scheduler, model_output, timestep, sample, self.eta, prev_sample, generator
         )
+
+    def advance(
+        self,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """x_{t-1} without its log-probability (eta = 0 allowed: the deterministic DDIM step);
+        draws the same noise as `step`, so a run that records and one that does not agree."""
+        if self.eta > 0:
+            return self.step(model_output, timestep, sample, generator=generator)[0]
+        mean, _ = ddim_mean_std(self.scheduler, model_output, timestep, sample, 0.0)
+        return mean
+
+    def predict_x0(self, model_output, timestep, sample) -> torch.Tensor:
+        return predict_x0(self.scheduler, model_output, timestep, sample)
+
+    def target(self, x0, noise, timestep) -> torch.Tensor:
+        return regression_target(self.scheduler, x0, noise, timestep)
+
+    def noise_level(self, timestep: torch.Tensor) -> torch.Tensor:
+        """sigma_t = sqrt(1 - alpha_bar_t), (B,): the noised input's noise level."""
+        return (1 - _alpha_bar(self.scheduler, timestep, 1)).sqrt().reshape(-1)
 
     def kl(self, policy_output, base_output, timestep, sample) -> torch.Tensor:
         """KL(policy || base) of one step, (batch,); see `ddim_kl`."""
