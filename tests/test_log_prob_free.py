@@ -106,7 +106,8 @@ def test_two_epochs_on_every_family(tmp_path, model, algorithm):
     assert all(np.isfinite(row["loss"]) for row in result.metrics)
     assert "kl_to_base" not in result.metrics[0]  # no trajectory to measure it on
     lora = [p for n, p in result.pipeline.unet.named_parameters() if "lora_B" in n]
-    assert all(torch.isfinite(p).all() for p in lora) and sum(float(p.abs().sum()) for p in lora)
+    assert all(torch.isfinite(p).all() for p in lora)
+    assert sum(float(p.detach().abs().sum()) for p in lora) > 0
 
 
 def test_settings_that_cannot_work_are_refused(tmp_path):
