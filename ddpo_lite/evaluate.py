@@ -195,10 +195,32 @@ def _reward_config(metadata: dict, run, reward_name: str | None):
             "pass --reward NAME (a registered reward or 'module:function')"
         )
     if metadata.get("reward_config"):
-        return config_from_dict({"reward": json.loads(metadata["reward_config"])}).reward
-    if run is not None:
-        return run.reward
-    return RewardConfig(name=metadata.get("reward", ""))
+        recorded = config_from_dict({"reward": json.loads(metadata["reward_config"])}).reward
+    elif run is not None:
+        recorded = run.reward
+    else:
+        recorded = RewardConfig(name=metadata.get("reward", ""))
+    _refuse_recorded_code(recorded)
+    return recorded
+
+
+def _refuse_recorded_code(reward) -> None:
+    """A reward read from a LoRA file or a run folder may name Python code ('file.py:fn',
+    'module:fn') or a server that would receive the images: neither is used unless the user
+    names it on the command line (a LoRA from a model site is not code to run)."""
+    names = [reward.name, *reward.weights]
+    code = [n for n in names if ":" in n]
+    if code:
+        raise ConfigError(
+            f"the LoRA's run used the reward {code[0]!r}, Python code named in a file, which "
+            f"ddpo-lite does not run on its own: pass --reward {code[0]!r} if you trust it, or "
+            "another --reward"
+        )
+    if reward.url:
+        raise ConfigError(
+            f"the LoRA's run scored through the reward server {reward.url!r}; ddpo-lite does "
+            "not send images to an address read from a file: pass --reward NAME"
+        )
 
 
 def evaluate_lora(

@@ -111,3 +111,13 @@ def test_family_is_sdxl(pipe):
     family = family_of(pipe)
     assert family.name == "sdxl"
     assert family.native_resolution(pipe) == 1024
+
+
+def test_vram_12_keeps_the_sdxl_presets_as_they_are():
+    """`train --vram 12` on the SDXL presets: predicted to fit a 12 GiB card as shipped."""
+    from ddpo_lite.bench import select_for_vram
+    from ddpo_lite.config import load_config
+
+    for preset in ("sdxl-aesthetic", "sdxl-pickscore"):
+        config, report = select_for_vram(load_config(preset), 12)
+        assert "fits as it is" in report, report

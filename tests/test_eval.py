@@ -163,3 +163,32 @@ def test_eval_command_compares_base_and_tuned(tmp_path, heldout, capsys):
     assert "animals" in printed and "objects" in printed and "tuned - base" in printed
     assert main(["eval", "--model", "tiny", "--prompts", heldout["animals"], "--num", "1"]) == 2
     assert "reward" in capsys.readouterr().err  # no LoRA, no --reward: says what is missing
+
+
+def test_eval_never_runs_code_named_in_the_lora(tmp_path, heldout, capsys):
+    """A LoRA from a model site records its run's reward; `ddpo-lite eval --lora` must not
+    import a Python file named there (that is running a stranger's code), only one the user
+    names with --reward."""
+    from ddpo_lite.cli import main
+
+    marker = tmp_path / "ran.txt"
+    code = tmp_path / "stranger.py"
+    code.write_text(
+        "import numpy as np\n"
+        f"open({str(marker)!r}, 'a').write('ran\\n')\n"
+        "def score(images, prompts, metadata):\n"
+        "    return np.zeros(len(images)), {}\n"
+    )
+    config = tiny_config(
+        tmp_path, "num_epochs=1", "sample.num_steps=2", f'reward.name="{code}:score"'
+    )
+    config.log_with = []
+    train(config, show_progress=False)
+    marker.unlink()
+    lora = str(tmp_path / "run" / "lora")
+    args = ["eval", "--lora", lora, "--prompts", heldout["animals"], "--num", "1", "--steps", "2"]
+    assert main(args) == 2
+    assert not marker.exists()
+    assert "--reward" in capsys.readouterr().err
+    assert main([*args, "--reward", f"{code}:score"]) == 0  # named by the user: it runs
+    assert marker.exists()

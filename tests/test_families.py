@@ -178,6 +178,10 @@ def test_sdxl_trains_resumes_and_its_lora_loads_in_diffusers(tmp_path):
     assert main(["sample", "--lora", str(out / "lora"), "--prompt", "a cat", "--num", "1",
                  "--output", str(shots)]) == 0  # fmt: skip
     assert len(list(shots.glob("*.png"))) >= 1
+    prompts = tmp_path / "heldout.txt"
+    prompts.write_text("a red fox\n")
+    args = ["eval", "--lora", str(out / "lora"), "--prompts", str(prompts), "--num", "1"]
+    assert main([*args, "--steps", "2", "--reward", "jpeg_compressibility"]) == 0
     assert main(["export", str(out / "lora"), "--output", str(tmp_path / "k.safetensors")]) == 0
     kohya = load_file(tmp_path / "k.safetensors")
     assert kohya and all(k.startswith("lora_unet_") for k in kohya)
