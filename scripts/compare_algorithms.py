@@ -43,6 +43,8 @@ COLOURS = {
     "ddpo-sf": (255, 127, 14),
     "rwr": (44, 160, 44),
     "ddpo-is-4steps": (214, 39, 40),
+    "nft": (148, 103, 189),
+    "awm": (140, 86, 75),
 }
 # With one optimizer step per epoch DDPO-IS steps at ratio 1, where its gradient is DDPO-SF's; this
 # opt-in variant takes the paper's several importance-weighted steps per round (4 of 16 samples).
