@@ -16,6 +16,7 @@ Nothing is unpickled when loading.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -39,6 +40,24 @@ _NAME = re.compile(r"epoch_(\d{4,})")
 
 class CheckpointError(ValueError):
     """A checkpoint is missing or cannot be read; the message names the file."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint's files are damaged (unreadable, truncated, altered, non-finite): an older
+    checkpoint may still be intact. A checkpoint that does not fit the run (another LoRA rank,
+    say) is a plain CheckpointError: an older one would not fit either."""
+
+
+#: The files whose SHA-256 state.json records and resume verifies.
+HASHED = ("adapter.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -199,6 +218,7 @@ def save_checkpoint(
             "extra": extra or {},
             "optimizer": rest,
             "version": __version__,
+            "sha256": {name: _sha256(tmp / name) for name in HASHED},
         }
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
         respect_umask(tmp)  # mkdtemp makes 0700 and safetensors 0600: as any file the user makes
@@ -250,11 +270,23 @@ def load_checkpoint(
     folder = Path(folder)
     try:
         state = json.loads((folder / "state.json").read_text())
+        for name, digest in (state.get("sha256") or {}).items():
+            if _sha256(folder / name) != digest:
+                raise ValueError(f"{name} is not the file that was saved (its SHA-256 differs)")
         adapter = load_file(folder / "adapter.safetensors")
         optimizer_tensors = load_file(folder / "optimizer.safetensors")
         rng = load_file(folder / "rng.safetensors")
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint {str(folder)!r}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - OSError, JSON, safetensors' own errors: damaged
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DamagedCheckpointError(f"cannot read checkpoint {str(folder)!r}: {reason}") from err
+    match = _NAME.fullmatch(folder.name)
+    if match and int(state.get("epoch", -1)) != int(match.group(1)):
+        raise DamagedCheckpointError(
+            f"checkpoint {str(folder)!r} records epoch {state.get('epoch')!r}, not its folder's"
+        )
+    bad = [k for k, v in adapter.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise DamagedCheckpointError(f"checkpoint {str(folder)!r}: {bad[0]!r} is not finite")
 
     _check_adapter_fits(folder, unet, adapter)
     result = set_peft_model_state_dict(unet, adapter)

@@ -40,7 +40,14 @@ from rich.progress import (
 
 from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages, group_advantages
 from ddpo_lite.algorithms import rwr_weights
-from ddpo_lite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ddpo_lite.checkpoint import (
+    CheckpointError,
+    DamagedCheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ddpo_lite.config import TRAJECTORY_FREE, Config, ConfigError, to_dict, to_toml
 from ddpo_lite.drift import adapters_disabled, diversity, trajectory_kl
 from ddpo_lite.evaluate import (
@@ -332,7 +339,7 @@ def train(
             )
         )
         loop = TrainingLoop(config, accelerator, reward, prompts, eval_groups, output_dir, console)
-    first_epoch = loop.restore(checkpoint) if checkpoint is not None else 0
+    first_epoch = loop.restore_intact(checkpoint) if checkpoint is not None else 0
     loop.start(first_epoch, resumed=resume, from_checkpoint=checkpoint is not None)
     executor = ThreadPoolExecutor(1, "ddpo-lite-reward") if config.reward.overlap else None
     try:
@@ -405,6 +412,31 @@ class TrainingLoop:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def restore_intact(self, newest: Path) -> int:
+        """Restore the newest intact checkpoint, from `newest` back: a damaged one (truncated,
+        altered, non-finite) is said aloud and the previous one tried; returns the epoch."""
+        found = list_checkpoints(self.output_dir)  # oldest first
+        candidates = found[: found.index(newest) + 1 if newest in found else len(found)][::-1]
+        damaged: list[str] = []
+        for folder in candidates:
+            try:
+                epoch = self.restore(folder)
+            except DamagedCheckpointError as err:
+                warnings.warn(f"{err}; trying the checkpoint before it", stacklevel=2)
+                damaged.append(str(err))
+                continue
+            if damaged and self.is_main:
+                self.console.print(
+                    f"resuming from {folder.name}: the newer checkpoint(s) are damaged "
+                    f"({len(damaged)}; they stay in place, the run writes over them)"
+                )
+            return epoch
+        raise CheckpointError(
+            f"no intact checkpoint in {str(self.output_dir / 'checkpoints')!r} ({damaged[0]}"
+            f"{f' and {len(damaged) - 1} more' if len(damaged) > 1 else ''}); start over with "
+            "--overwrite"
+        )
 
     def restore(self, checkpoint: Path) -> int:
         """Load a checkpoint into the run; returns the epoch to continue with."""

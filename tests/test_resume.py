@@ -197,3 +197,56 @@ def test_resume_applies_new_optimizer_settings_and_refuses_another_rank(tmp_path
     (group,) = state["optimizer"]["tree"]["param_groups"]
     assert group["lr"] == 1e-3
     assert group["betas"] == {"__json_tuple__": [0.5, 0.999]}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate_adapter", "zero_optimizer", "flip_bytes", "nan_weights", "edit_epoch"],
+)
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, capsys):
+    """Resume verifies the newest checkpoint (SHA-256 of its files, finite weights, the epoch it
+    records) and, when it is damaged, continues from the one before it instead of a traceback or
+    a silently wrong run; with every checkpoint damaged it stops in one line."""
+    from safetensors.torch import save_file
+
+    from ddpo_lite.cli import main
+
+    out = tmp_path / "run"
+    train(tiny_config(tmp_path, "num_epochs=2", *SHORT), show_progress=False)
+    newest = latest_checkpoint(out)
+    adapter = newest / "adapter.safetensors"
+    if damage == "truncate_adapter":
+        adapter.write_bytes(adapter.read_bytes()[:100])
+    elif damage == "zero_optimizer":
+        path = newest / "optimizer.safetensors"
+        path.write_bytes(bytes(len(path.read_bytes())))
+    elif damage == "flip_bytes":
+        data = bytearray(adapter.read_bytes())
+        for i in range(len(data) - 64, len(data)):
+            data[i] ^= 0xFF
+        adapter.write_bytes(bytes(data))
+    elif damage == "nan_weights":  # rewritten whole, so that only the finite check can tell
+        tensors = load_file(adapter)
+        tensors[next(iter(tensors))].fill_(float("nan"))
+        save_file(tensors, adapter)
+        state = json.loads((newest / "state.json").read_text())
+        state.pop("sha256")
+        (newest / "state.json").write_text(json.dumps(state))
+    else:
+        state = json.loads((newest / "state.json").read_text())
+        state["epoch"] = 7
+        (newest / "state.json").write_text(json.dumps(state))
+
+    with pytest.warns(UserWarning, match="trying the checkpoint before it"):
+        result = train(tiny_config(tmp_path, "num_epochs=3", *SHORT), resume=True)
+    assert [row["epoch"] for row in result.metrics] == [1, 2, 3]  # epoch 2 redone
+    assert "resuming from epoch_0001" in capsys.readouterr().out
+
+    # every checkpoint damaged: one line, exit 2, no traceback
+    for folder in list_checkpoints(out):
+        (folder / "rng.safetensors").write_bytes(b"broken")
+    with pytest.warns(UserWarning, match="trying the checkpoint before it"):
+        code = main(["train", "--resume", str(out), "--quiet", "--set", "num_epochs=4"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no intact checkpoint" in err and "Traceback" not in err
