@@ -91,15 +91,9 @@ def chunk_loss(
         return matching_loss(policy, model, batch, cols, weights, valid, settings, generator)
     if settings.algorithm == "rwr":
         # denoising loss on the final samples x_0, noised afresh at the chunk's timesteps
-        k = cols.shape[1]
-        rows = torch.arange(len(batch), device=cols.device)[:, None]
-        x0 = batch.next_latents[:, -1].repeat_interleave(k, dim=0)
-        t = batch.timesteps[rows, cols].flatten()
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        noisy = policy.sampler.add_noise(x0, noise, t)
-        cond = batch.cond.repeat_interleave(k)
+        _, t, noise, noisy, cond = noised_final_samples(policy, batch, cols, generator)
         noise_pred = policy.predict(noisy, t, cond, None, model=model)
-        return rwr_loss(noise_pred, noise, (weights * valid).repeat_interleave(k))
+        return rwr_loss(noise_pred, noise, (weights * valid).repeat_interleave(cols.shape[1]))
 
     scored = score_log_probs(policy, model, batch, cols, kl_coef=settings.kl_coef)
     log_prob, kl = scored if settings.kl_coef else (scored, None)
@@ -116,6 +110,20 @@ def chunk_loss(
         loss = loss + settings.kl_coef * kl_sum
         stats["kl_penalty"] = kl_sum.detach()
     return loss, stats
+
+
+def noised_final_samples(
+    policy: Policy, batch: Trajectory, cols: torch.Tensor, generator: torch.Generator | None
+):
+    """Each sample's final latent x0 noised afresh at its timesteps `cols` (B, k), for the
+    denoising losses (RWR, NFT, AWM): (x0, t, noise, x_t, cond), each with B*k rows."""
+    k = cols.shape[1]
+    rows = torch.arange(len(batch), device=cols.device)[:, None]
+    x0 = batch.chain[:, -1].repeat_interleave(k, dim=0)  # (B*k, C, H, W)
+    t = batch.timesteps[rows, cols].flatten()
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x_t = policy.sampler.add_noise(x0, noise, t)
+    return x0, t, noise, x_t, batch.cond.repeat_interleave(k)
 
 
 def matching_loss(
@@ -136,13 +144,8 @@ def matching_loss(
     second copy of any weights and no second forward. Dropped samples (`valid` False) add 0.
     """
     k = cols.shape[1]
-    rows = torch.arange(len(batch), device=cols.device)[:, None]
-    x0 = batch.chain[:, -1].repeat_interleave(k, dim=0)  # (B*k, C, H, W)
-    t = batch.timesteps[rows, cols].flatten()
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     sampler = policy.sampler
-    x_t = sampler.add_noise(x0, noise, t)
-    cond = batch.cond.repeat_interleave(k)
+    x0, t, noise, x_t, cond = noised_final_samples(policy, batch, cols, generator)
     output = policy.predict(x_t, t, cond, None, model=model)
     mask = valid.repeat_interleave(k).float()
     advantages = weights.repeat_interleave(k) * mask

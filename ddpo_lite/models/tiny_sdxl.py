@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .tiny import (
@@ -23,6 +23,7 @@ from .tiny import (
     LATENT_CHANNELS,
     LATENT_SIZE,
     MODEL_MAX_LENGTH,
+    _build_scheduler,
     _write_slow_tokenizer_files,
     build_tiny_tokenizer,
     cache_root,
@@ -91,17 +92,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, HIDDEN_2))
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
-    scheduler = DDIMScheduler(  # as SDXL base's scheduler config (converted to DDIM)
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-    )
+    scheduler = _build_scheduler()  # SD's DDIM config; SDXL base ships the same betas
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
