@@ -16,7 +16,7 @@ The lines, and why they are harmless here:
 - diffusers, on `model.to(dtype)`: "There are modules in UNet2DConditionModel that should be kept
   in float32: []" (the list is empty: no module needs float32; a non-empty list is still shown).
 - diffusers, on `load_lora_weights` of a UNet-only LoRA: "No LoRA keys associated to CLIPTextModel
-  found" (ddpo-lite trains the UNet only; the text encoder having no LoRA keys is expected).
+  found" (SD3's encoders: "CLIPTextModelWithProjection"; ddpo-lite trains the denoiser only; the text encoder having no LoRA keys is expected).
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ RULES: tuple[tuple[str, str], ...] = (
         "diffusers.models.modeling_utils",
         r"^There are modules in \w+ that should be kept in float32: \[\]\.",
     ),
-    ("diffusers.loaders.lora_base", r"^No LoRA keys associated to CLIPTextModel found"),
+    (
+        "diffusers.loaders.lora_base",
+        r"^No LoRA keys associated to CLIPTextModel(WithProjection)? found",
+    ),
 )
 
 

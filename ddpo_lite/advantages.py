@@ -28,7 +28,17 @@ import torch
 
 EPS = 1e-6
 
-__all__ = ["EPS", "PerPromptStatTracker", "compute_advantages", "group_advantages"]
+__all__ = [
+    "EPS",
+    "GROUP_EPS",
+    "PerPromptStatTracker",
+    "compute_advantages",
+    "group_advantages",
+    "group_normalised_advantages",
+]
+
+#: GRPO's std floor, as Flow-GRPO's stat tracker: a group of equal rewards gets advantage 0.
+GROUP_EPS = 1e-4
 
 
 def _check_finite(rewards: torch.Tensor) -> None:
@@ -185,5 +195,25 @@ def group_advantages(
         others > 0, flat - (sums[ids] - flat) / others.clamp(min=1), torch.zeros_like(flat)
     )
     adv = centred / (centred.std(correction=0) + EPS) if len(flat) else centred
+    adv = adv.clamp(-adv_clip_max, adv_clip_max)
+    return adv.to(torch.float32).reshape(torch.as_tensor(rewards).shape)
+
+
+def group_normalised_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, adv_clip_max: float, eps: float = GROUP_EPS
+) -> torch.Tensor:
+    """GRPO's advantage: (r - mean of its group) / (population std of its group + eps),
+    clipped to [-adv_clip_max, adv_clip_max] (Flow-GRPO's per-prompt tracker on one batch, with
+    a group being one prompt's images). A group of one, or of equal rewards, gets 0."""
+    flat = torch.as_tensor(rewards).detach().flatten().to("cpu", torch.float64)
+    _check_finite(flat)
+    ids = torch.as_tensor(groups).flatten().to("cpu", torch.long)
+    if len(ids) != len(flat):
+        raise ValueError(f"got {len(ids)} group ids for {len(flat)} rewards")
+    adv = torch.zeros_like(flat)
+    for group in torch.unique(ids):
+        members = ids == group
+        values = flat[members]
+        adv[members] = (values - values.mean()) / (values.std(correction=0) + eps)
     adv = adv.clamp(-adv_clip_max, adv_clip_max)
     return adv.to(torch.float32).reshape(torch.as_tensor(rewards).shape)

@@ -36,8 +36,8 @@ class ModelConfig:
     seed: int = 0
     """Seed of the offline tiny model's weights (only for name = 'tiny')."""
     family: str = "auto"
-    """'auto' (from the model's model_index.json), 'sd1' (Stable Diffusion 1.x and 2.x) or
-    'sdxl' (Stable Diffusion XL)."""
+    """'auto' (from the model's model_index.json), 'sd1' (Stable Diffusion 1.x and 2.x),
+    'sdxl' (Stable Diffusion XL) or 'sd3' (Stable Diffusion 3 / 3.5, flow matching)."""
 
 
 @dataclass
@@ -65,12 +65,26 @@ class SampleConfig:
     prompt and initial latent, and each image's baseline is the mean reward of the rest of its
     group (in place of per-prompt statistics): the reward variance that comes from the prompt
     and the starting noise leaves the gradient. Must divide batch_size."""
+    same_initial_noise: bool = True
+    """With group_size > 1: a group's images start from one noise (False: each its own, as
+    Flow-GRPO samples its groups; the group then shares only the prompt)."""
+    flow_sampler: str = "sde"
+    """Flow models only: 'sde' (Flow-GRPO's ODE-to-SDE step, noise level sample.eta; 0.7 in
+    its configs) or 'cps' (coefficient-preserving sampling); samplers/flow_sde.py."""
+    sde_window_size: int = 0
+    """Only this many consecutive steps are stochastic, recorded and trained (Flow-GRPO-Fast,
+    MixGRPO); the rest are deterministic (ODE / eta 0) and keep nothing. 0 = all steps."""
+    sde_window_range: int = 1
+    """The window's first step is drawn uniformly from 0 .. sde_window_range - 1 for each
+    sampling batch (1 = always the first step)."""
 
 
 @dataclass
 class TrainConfig:
     algorithm: str = "ddpo-is"
-    """'ddpo-is' (PPO-style clipping), 'ddpo-sf' (score function), 'rwr', or the log-prob-free
+    """'ddpo-is' (PPO-style clipping), 'ddpo-sf' (score function), 'rwr', 'grpo' (Flow-GRPO:
+    PPO clipping on group-normalised advantages, needs sample.group_size > 1; train.kl_coef
+    is its KL to the base), or the log-prob-free
     'nft' (DiffusionNFT) and 'awm' (advantage-weighted matching): these keep no trajectory (only
     the final latents), may sample deterministically (sample.eta = 0) and take one optimizer
     step per epoch; docs/ALGORITHM.md."""
@@ -118,6 +132,10 @@ class TrainConfig:
 @dataclass
 class AdvantageConfig:
     per_prompt_stat_tracking: bool = True
+    group_baseline: str = "auto"
+    """With sample.group_size > 1: 'normalised' ((r - group mean) / (group std + 1e-4), GRPO's),
+    'leave-one-out' (r minus the mean of the rest of the group, over the batch's std), or
+    'auto' (normalised for grpo, leave-one-out otherwise)."""
     buffer_size: int = 32
     min_count: int = 16
 
@@ -282,6 +300,27 @@ class Config:
                 "'uniform' or 'ghuber'",
             ),
             ("train.awm_power", t.awm_power > 0, "a number > 0"),
+            (
+                "sample.flow_sampler",
+                s.flow_sampler in FLOW_SAMPLERS,
+                f"one of {', '.join(map(repr, FLOW_SAMPLERS))}",
+            ),
+            (
+                "sample.sde_window_size",
+                0 <= s.sde_window_size <= s.num_steps,
+                f"an integer in [0, sample.num_steps = {s.num_steps}] (0 = every step)",
+            ),
+            (
+                "sample.sde_window_range",
+                1 <= s.sde_window_range <= s.num_steps - s.sde_window_size + 1,
+                f"an integer in [1, num_steps - sde_window_size + 1 = "
+                f"{s.num_steps - s.sde_window_size + 1}] (the window must end by the last step)",
+            ),
+            (
+                "advantages.group_baseline",
+                a.group_baseline in ("auto", "normalised", "leave-one-out"),
+                "'auto', 'normalised' or 'leave-one-out'",
+            ),
             ("advantages.buffer_size", a.buffer_size >= 1, "an integer >= 1"),
             ("advantages.min_count", a.min_count >= 1, "an integer >= 1"),
             ("lora.rank", self.lora.rank >= 1, "an integer >= 1"),
@@ -314,7 +353,17 @@ class Config:
                 raise ConfigError(
                     f"{name} = {get_field(self, name)!r} is invalid: expected {accepted}"
                 )
-        if t.algorithm in ("ddpo-is", "ddpo-sf") and s.eta <= 0:
+        if t.algorithm == "grpo" and s.group_size < 2:
+            raise ConfigError(
+                "train.algorithm = 'grpo' normalises each reward within its group: set "
+                "sample.group_size >= 2 (Flow-GRPO uses 16 to 24), or use ddpo-is"
+            )
+        if s.sde_window_size and t.algorithm in ("rwr", *TRAJECTORY_FREE):
+            raise ConfigError(
+                f"sample.sde_window_size trains only a window of the stored steps; {t.algorithm} "
+                "trains on the final samples and keeps no steps: set it to 0"
+            )
+        if t.algorithm in ("ddpo-is", "ddpo-sf", "grpo") and s.eta <= 0:
             raise ConfigError(
                 f"sample.eta = {s.eta} gives a deterministic sampler with no log-probability; "
                 f"{t.algorithm} needs eta > 0 (the paper uses 1.0), or use train.algorithm = 'rwr'"
@@ -360,12 +409,13 @@ class Config:
         return self
 
 
-ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr", "nft", "awm")
+ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr", "grpo", "nft", "awm")
 #: Algorithms that need no log-probability: the rollout keeps only the final latents.
 TRAJECTORY_FREE = ("nft", "awm")
 #: On-policy algorithms: one optimizer step per epoch (the old policy is the current one).
 ONE_STEP_ALGORITHMS = ("ddpo-sf", "nft", "awm")
-FAMILIES = ("sd1", "sdxl")  # ddpo_lite.families.FAMILY_NAMES
+FAMILIES = ("sd1", "sdxl", "sd3")  # ddpo_lite.families.FAMILY_NAMES
+FLOW_SAMPLERS = ("sde", "cps")
 TRACKERS = ("tensorboard", "wandb")
 PRECISIONS = ("no", "fp16", "bf16")
 ATTENTIONS = ("sdpa", "xformers", "math")

@@ -17,6 +17,7 @@ import torch
 
 from ddpo_lite.families import Cond, Family
 from ddpo_lite.samplers.ddim import DDIMSampler
+from ddpo_lite.samplers.flow_sde import FlowSDESampler
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Policy:
     denoiser: torch.nn.Module
     """The model that carries the LoRA (UNet or transformer), unwrapped: sampling needs no
     gradient sync; the update passes its DDP-wrapped twin (the same weights) to `predict`."""
-    sampler: DDIMSampler
+    sampler: DDIMSampler | FlowSDESampler
     encoder: Any
     """A `PromptEncoder`: prompts -> (Cond, negative Cond), cached."""
     guidance_scale: float
@@ -52,7 +53,7 @@ class Policy:
             return self.family.predict(
                 model if model is not None else self.denoiser,
                 latents,
-                timesteps,
+                self.sampler.model_timestep(timesteps),
                 cond,
                 negative,
                 self.guidance_scale,

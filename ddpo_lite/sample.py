@@ -73,7 +73,10 @@ def load_with_lora(lora: str | Path, model: str | None = None, device: str | Non
                 f"{family}: a LoRA only loads onto its own model family (drop --model, or pass "
                 f"a {trained_on} model)"
             )
-    check_lora_fits(lora_file, pipe.unet, base)  # a LoRA for another model: one line, not peft's
+    from ddpo_lite.families import family_of
+
+    denoiser = family_of(pipe).denoiser(pipe)
+    check_lora_fits(lora_file, denoiser, base)  # a LoRA for another model: one line, not peft's
     pipe.load_lora_weights(str(file.parent), weight_name=file.name)
     from safetensors import safe_open
 
@@ -83,10 +86,10 @@ def load_with_lora(lora: str | Path, model: str | None = None, device: str | Non
             for key in f.keys()
             if key.endswith(("lora_A.weight", "lora.down.weight", "lora_down.weight"))
         )  # noqa: SIM118
-    attached = _lora_module_count(pipe.unet)
+    attached = _lora_module_count(denoiser)
     if attached < expected:
         raise LoraFileError(
-            f"LoRA {str(file)!r}: only {attached} of its {expected} modules matched the UNet of "
+            f"LoRA {str(file)!r}: only {attached} of its {expected} modules matched the {type(denoiser).__name__} of "
             f"{base!r} (a LoRA for another model?)"
         )
     if device:
@@ -133,6 +136,10 @@ def sample(
     eta = eta if eta is not None else float(metadata.get("eta", 1.0))
 
     size = int(metadata.get("resolution", 0)) or None  # as trained (None: the model's own)
+    from ddpo_lite.families import family_of
+
+    # DDIM's eta; a flow model's pipeline samples its ODE (Euler), which has no noise to set
+    noise = {"eta": eta} if family_of(pipe).sampler == "ddim" else {}
     result = SampleResult()
     for prompt in prompts:
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num)]
@@ -141,10 +148,10 @@ def sample(
             num_images_per_prompt=num,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
-            eta=eta,
             generator=generators,
             height=size,
             width=size,
+            **noise,
         ).images
         result.images += images
         result.prompts += [prompt] * num

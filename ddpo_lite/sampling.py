@@ -39,14 +39,17 @@ __all__ = [
 class Trajectory:
     """What a rollout records for the update; every tensor is detached.
 
-    chain:          (B, N+1, C, H, W) float32, x_T, x_{T-1}, ..., x_0: the states of the N steps
+    chain:          (B, N+1, C, H, W) float32, x_T, x_{T-1}, ..., x_0: the states of the N
+                    recorded steps (an SDE window records only its steps)
     latents:        view chain[:, :-1], x_t before each step
     next_latents:   view chain[:, 1:], x_{t-1} after each step (the actions)
-    timesteps:      (B, N) long, the timestep of each step
+    timesteps:      (B, N) long, each step's timestep (DDIM) or step index (flow samplers)
     log_probs:      (B, N) float32, log pi_old(x_{t-1} | x_t), mean-reduced over elements
     cond:           the family's conditioning, batch-first (SD 1.x: prompt_embeds (B, L, D))
     negative:       the unconditional conditioning (batch 1), or None without guidance
     prompt_ids:     (B,) long, index of each sample's prompt in the prompt list
+    final:          (B, C, H, W) the final latent x_0 where the chain does not end with it (an
+                    SDE window, CPS's deterministic last step), else None
 
     Storing the chain once, not x_t and x_{t-1} separately, halves the epoch's largest tensor.
     """
@@ -57,6 +60,12 @@ class Trajectory:
     cond: Cond
     negative: Cond | None
     prompt_ids: torch.Tensor
+    final: torch.Tensor | None = None
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        """x_0 of each sample, (B, C, H, W)."""
+        return self.final if self.final is not None else self.chain[:, -1]
 
     @property
     def latents(self) -> torch.Tensor:
@@ -83,6 +92,7 @@ class Trajectory:
             cond=self.cond.index(rows),
             negative=self.negative,
             prompt_ids=self.prompt_ids[rows],
+            final=self.final[rows] if self.final is not None else None,
         )
 
     @staticmethod
@@ -96,6 +106,7 @@ class Trajectory:
             cond=Cond.cat([p.cond for p in parts]),
             negative=parts[0].negative,
             prompt_ids=torch.cat([p.prompt_ids for p in parts]),
+            final=torch.cat([p.final for p in parts]) if parts[0].final is not None else None,
         )
 
     def is_finite(self) -> torch.Tensor:
@@ -116,6 +127,7 @@ class Trajectory:
             cond=self.cond,
             negative=self.negative,
             prompt_ids=self.prompt_ids,
+            final=torch.where(keep[:, 0], self.final, 0.0) if self.final is not None else None,
         )
 
 
@@ -185,17 +197,22 @@ def rollout(
     generator: torch.Generator,
     group_size: int = 1,
     record: bool = True,
+    window: range | None = None,
+    shared_noise: bool = True,
 ) -> tuple[list[Image.Image], Trajectory]:
     """Sample one batch of images for `prompts` from `policy` and record its trajectory.
 
     The sampler's scheduler has its timesteps set (the same one the update scores with); the VAE
     and image processor are the pipeline's. Latents stay in float32 from start to end; what is
     stored is exactly what was scored. With `group_size` > 1, consecutive groups of that many
-    images share one initial latent (their prompts are the caller's to repeat).
+    images share one initial latent (unless `shared_noise` is False; their prompts are the
+    caller's to repeat).
 
-    `record=False` (the log-prob-free algorithms) keeps no chain: the trajectory's `chain` is
-    the final latent alone, (B, 1, C, H, W), and `log_probs` is empty, (B, 0); the sampler may
-    then be deterministic (eta = 0).
+    `window` (a range of step indices; None = all) is the SDE window of Flow-GRPO-Fast and
+    MixGRPO: only its steps are stochastic and recorded, the others take the deterministic
+    (ODE / eta 0) step and keep nothing. `record=False` (the log-prob-free algorithms) keeps no
+    chain: the trajectory's `chain` is the final latent alone, (B, 1, C, H, W), and `log_probs`
+    is empty, (B, 0); the sampler may then be deterministic (eta = 0).
     """
     encoder, sampler = policy.encoder, policy.sampler
     device = encoder.device
@@ -206,30 +223,43 @@ def rollout(
 
     if batch % group_size:
         raise ValueError(f"group_size {group_size} does not divide the batch of {batch}")
-    shape = latent_shape(policy.pipe, batch // group_size, encoder.resolution)
+    noises = batch // group_size if shared_noise else batch
+    shape = latent_shape(policy.pipe, noises, encoder.resolution)
     latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
-    latents = latents.repeat_interleave(group_size, dim=0)
-    latents = latents * sampler.scheduler.init_noise_sigma
+    if shared_noise:
+        latents = latents.repeat_interleave(group_size, dim=0)
+    latents = latents * sampler.init_noise_sigma
 
-    states, all_log_probs = [latents], []
-    for t in sampler.timesteps:
+    steps = sampler.timesteps
+    noisy = window if window is not None else range(len(steps))
+    recorded = set(sampler.stochastic_steps()) & set(noisy) if record else set()
+    states, all_log_probs, recorded_steps = [], [], []
+    for i, t in enumerate(steps):
         model_output = policy.predict(latents, t, cond, negative)
-        if record:
+        if i in recorded:
             next_latents, log_prob = sampler.step(model_output, t, latents, generator=generator)
-            states.append(next_latents)
+            states += [next_latents] if states else [latents, next_latents]
             all_log_probs.append(log_prob)
+            recorded_steps.append(t)
         else:
-            next_latents = sampler.advance(model_output, t, latents, generator=generator)
+            stochastic = i in noisy
+            next_latents = sampler.advance(model_output, t, latents, generator, stochastic)
         latents = next_latents
 
     images = policy.family.decode(policy.pipe, latents)
+    if not recorded_steps:  # nothing stochastic kept: the final latent and the whole grid
+        states, recorded_steps = [latents], list(steps)
+    ends_at_x0 = len(states) == 1 or int(recorded_steps[-1]) == int(steps[-1])
     trajectory = Trajectory(
-        chain=torch.stack(states if record else [latents], dim=1),
-        timesteps=sampler.timesteps.to(device).repeat(batch, 1),
-        log_probs=torch.stack(all_log_probs, dim=1) if record else latents.new_zeros(batch, 0),
+        chain=torch.stack(states, dim=1),
+        timesteps=torch.stack(list(recorded_steps)).to(device).repeat(batch, 1),
+        log_probs=(
+            torch.stack(all_log_probs, dim=1) if all_log_probs else latents.new_zeros(batch, 0)
+        ),
         cond=cond,
         negative=negative,
         prompt_ids=prompt_ids.to(device),
+        final=None if ends_at_x0 else latents,
     )
     return images, trajectory
 

@@ -38,7 +38,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages, group_advantages
+from ddpo_lite.advantages import (
+    PerPromptStatTracker,
+    compute_advantages,
+    group_advantages,
+    group_normalised_advantages,
+)
 from ddpo_lite.algorithms import rwr_weights
 from ddpo_lite.checkpoint import (
     CheckpointError,
@@ -58,7 +63,7 @@ from ddpo_lite.evaluate import (
     save_before_after_grid,
     save_eval_grid,
 )
-from ddpo_lite.families import family_of
+from ddpo_lite.families import family_of, set_flow_timesteps
 from ddpo_lite.grid import make_grid
 from ddpo_lite.guard import Guard
 from ddpo_lite.models import load_pipeline
@@ -74,6 +79,7 @@ from ddpo_lite.run_files import (
     write_model_card,
 )
 from ddpo_lite.samplers.ddim import DDIMSampler
+from ddpo_lite.samplers.flow_sde import FlowSDESampler
 from ddpo_lite.sampling import PromptEncoder, Trajectory, rollout
 from ddpo_lite.update import optimizer_steps, update
 
@@ -189,10 +195,41 @@ def make_scheduler(pipe, num_steps: int, device) -> DDIMScheduler:
     return scheduler
 
 
+def make_sampler(pipe, family, config: Config, resolution: int, device):
+    """The family's sampler with the config's steps and noise: DDIM with eta for the UNets,
+    Flow-GRPO's SDE (or CPS) on the pipeline's own FlowMatch sigmas for the flow models."""
+    if family.sampler == "ddim":
+        return DDIMSampler(make_scheduler(pipe, config.sample.num_steps, device), config.sample.eta)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    set_flow_timesteps(pipe, scheduler, config.sample.num_steps, resolution, device)
+    return FlowSDESampler(scheduler, config.sample.eta, config.sample.flow_sampler)
+
+
+def check_family_settings(pipe, family, config: Config, resolution: int) -> None:
+    """What this family cannot do with these settings: one line at setup."""
+    multiple = family.resolution_multiple(pipe)
+    if resolution % multiple:
+        raise ConfigError(
+            f"sample.resolution = {resolution} is not a multiple of {multiple} (the {family.name} "
+            f"model's VAE factor x patch size); use e.g. {resolution // multiple * multiple or multiple}"
+        )
+    if family.sampler == "ddim" and config.sample.flow_sampler != "sde":
+        raise ConfigError(
+            f"sample.flow_sampler = {config.sample.flow_sampler!r} applies to the flow models "
+            f"(sd3, flux); the {family.name} model samples with DDIM (sample.eta sets its noise)"
+        )
+    if not family.has_negative_prompt and config.prompts.negative_prompt:
+        raise ConfigError(
+            f"prompts.negative_prompt is set but the {family.name} model has no classifier-free "
+            "guidance with a negative prompt; leave it empty"
+        )
+
+
 def make_policy(pipe, config: Config, device, autocast, denoiser=None) -> Policy:
-    """The policy a config samples with: its family, DDIM sampler, cached prompt encoder."""
+    """The policy a config samples with: its family, sampler, cached prompt encoder."""
     family = family_of(pipe)
     resolution = config.sample.resolution or family.native_resolution(pipe)
+    check_family_settings(pipe, family, config, resolution)
     encoder = PromptEncoder(
         pipe,
         device,
@@ -204,10 +241,8 @@ def make_policy(pipe, config: Config, device, autocast, denoiser=None) -> Policy
     return Policy(
         family=family,
         pipe=pipe,
-        denoiser=denoiser if denoiser is not None else pipe.unet,
-        sampler=DDIMSampler(
-            make_scheduler(pipe, config.sample.num_steps, device), config.sample.eta
-        ),
+        denoiser=denoiser if denoiser is not None else family.denoiser(pipe),
+        sampler=make_sampler(pipe, family, config, resolution, device),
         encoder=encoder,
         guidance_scale=config.sample.guidance_scale,
         autocast=autocast,
@@ -239,11 +274,12 @@ def build_components(config: Config, accelerator: Accelerator) -> Components:
     with accelerator.main_process_first():  # one process writes caches, the others read them
         pipe = load_pipeline(config.model.name, seed=config.model.seed, family=config.model.family)
     apply_memory_settings(pipe, config.memory, device)
+    denoiser = family_of(pipe).denoiser(pipe)
     torch.manual_seed(config.seed)  # the LoRA's initial A matrices (B starts at zero)
-    params = attach_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+    params = attach_lora(denoiser, config.lora.rank, config.lora.alpha, config.lora.target_modules)
     optimizer = make_optimizer(params, config.train, config.memory.use_8bit_adam, device)
-    model, optimizer = accelerator.prepare(pipe.unet, optimizer)
-    pipe.unet.eval()
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    denoiser.eval()
     return Components(
         pipe=pipe,
         model=model,
@@ -712,7 +748,16 @@ def sample_epoch(
         ids = ids.repeat_interleave(group)
         batch_texts = [prompts[i] for i in ids.tolist()]
         record = config.train.algorithm not in TRAJECTORY_FREE  # NFT/AWM: final latents only
-        batch_images, trajectory = rollout(run.policy, batch_texts, ids, generator, group, record)
+        batch_images, trajectory = rollout(
+            run.policy,
+            batch_texts,
+            ids,
+            generator,
+            group,
+            record,
+            window=sde_window(config.sample, generator),
+            shared_noise=config.sample.same_initial_noise,
+        )
         metadata = [{} for _ in batch_images]
         if executor is not None:
             pending.append(executor.submit(reward, batch_images, batch_texts, metadata))
@@ -732,6 +777,15 @@ def sample_epoch(
     wait = time.perf_counter() - waited_from
     rewards = np.concatenate([values for values, _ in scores])
     return EpochSamples(images, texts, Trajectory.cat(parts, chain), rewards, wait)
+
+
+def sde_window(sample, generator: torch.Generator) -> range | None:
+    """This batch's SDE window (Flow-GRPO-Fast): `sde_window_size` steps from a start drawn
+    uniformly below `sde_window_range`; None (every step) when the size is 0."""
+    if not sample.sde_window_size:
+        return None
+    start = int(torch.randint(sample.sde_window_range, (1,), generator=generator))
+    return range(start, start + sample.sde_window_size)
 
 
 @dataclass
@@ -771,7 +825,12 @@ def score_epoch(
         )
     elif len(kept) and config.sample.group_size > 1:
         groups = torch.arange(len(all_rewards)) // config.sample.group_size
-        advantages[finite] = group_advantages(kept, groups[finite], config.train.adv_clip_max)
+        baseline = config.advantages.group_baseline
+        if baseline == "normalised" or (baseline == "auto" and config.train.algorithm == "grpo"):
+            advantage_fn = group_normalised_advantages
+        else:
+            advantage_fn = group_advantages
+        advantages[finite] = advantage_fn(kept, groups[finite], config.train.adv_clip_max)
     elif len(kept):
         kept_prompts = [prompts[i] for i in all_ids[finite].tolist()]
         advantages[finite] = compute_advantages(

@@ -101,7 +101,7 @@ def chunk_loss(
     # a dropped sample scores as its old log-prob: ratio 1, advantage 0, no gradient, no stats
     log_prob = torch.where(valid[:, None], log_prob, old)
     adv = (weights * valid)[:, None].expand_as(log_prob)
-    if settings.algorithm == "ddpo-is":
+    if settings.algorithm in ("ddpo-is", "grpo"):  # GRPO: PPO's clipped ratio, group advantages
         loss, stats = ddpo_is_loss(log_prob, old, adv, settings.clip_range)
     else:
         loss, stats = ddpo_sf_loss(log_prob, old, adv)
@@ -119,7 +119,7 @@ def noised_final_samples(
     denoising losses (RWR, NFT, AWM): (x0, t, noise, x_t, cond), each with B*k rows."""
     k = cols.shape[1]
     rows = torch.arange(len(batch), device=cols.device)[:, None]
-    x0 = batch.chain[:, -1].repeat_interleave(k, dim=0)  # (B*k, C, H, W)
+    x0 = batch.final_latents.repeat_interleave(k, dim=0)  # (B*k, C, H, W)
     t = batch.timesteps[rows, cols].flatten()
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     x_t = policy.sampler.add_noise(x0, noise, t)

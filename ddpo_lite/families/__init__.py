@@ -1,9 +1,12 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL, ... in one file each.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL, SD3 ... in one file each.
 
 A family is a small object with the methods of `Family` (a Protocol: no base class). It owns
 loading, the denoiser that carries the LoRA, prompt encoding into a `Cond`, initial latents, the
 guided model call, decoding and saving the LoRA with its own diffusers loader. It knows nothing
 of RL: the sampler (samplers/) and the trainer use it through `Policy` (policy.py).
+
+Two kinds: UNet families (sd1, sdxl: `sampler = "ddim"`, the DDIM step of samplers/ddim.py)
+and flow-matching transformers (sd3: `sampler = "flow"`, samplers/flow_sde.py).
 
 `family_for_class("StableDiffusionXLPipeline")` picks one from `model_index.json`'s
 `_class_name`; `get_family("sdxl")` by name (`model.family`).
@@ -74,6 +77,18 @@ class Family(Protocol):
     required_components: tuple[str, ...]
     vae_fp32_in_fp16: bool
     """The VAE overflows in fp16 (SDXL's): keep it in float32 when the base is fp16."""
+    denoiser_name: str
+    """The pipeline attribute that carries the LoRA: "unet" or "transformer"."""
+    sampler: str
+    """"ddim" (epsilon / v UNets) or "flow" (flow-matching velocity, FlowMatchEuler sigmas)."""
+    has_negative_prompt: bool
+    """Whether classifier-free guidance with a negative prompt exists for this family."""
+
+    def denoiser(self, pipe) -> torch.nn.Module: ...
+
+    def latent_shape(self, pipe, batch: int, resolution: int) -> tuple[int, ...]: ...
+
+    def resolution_multiple(self, pipe) -> int: ...
 
     def text_encoders(self, pipe) -> list[torch.nn.Module]: ...
 
@@ -98,10 +113,59 @@ class Family(Protocol):
     def empty_cond(self, text_encoders, batch: int, device="meta", dtype=None) -> Cond: ...
 
 
-def latent_shape(pipe, batch: int, resolution: int) -> tuple[int, int, int, int]:
-    """(B, C, h, w) of the initial noise for square images of `resolution` pixels."""
+def latent_shape(pipe, batch: int, resolution: int) -> tuple[int, ...]:
+    """The initial noise's shape for square images of `resolution` pixels ((B, C, h, w) for
+    the UNet families and SD3)."""
+    return family_of(pipe).latent_shape(pipe, batch, resolution)
+
+
+def unet_latent_shape(pipe, batch: int, resolution: int) -> tuple[int, int, int, int]:
     side = resolution // pipe.vae_scale_factor
     return (batch, pipe.unet.config.in_channels, side, side)
+
+
+def guided(call, latents, timesteps, cond: Cond, negative: Cond | None, guidance_scale: float):
+    """`call(x, t, cond)`'s output with classifier-free guidance, in float32: one model batch of
+    2B (unconditional first), as the diffusers pipelines run it; `negative` None: no guidance."""
+    batch = latents.shape[0]
+    timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(batch)
+    if negative is None:
+        return call(latents, timesteps, cond).float()
+    both = Cond.cat([negative.expand(batch), cond])
+    output = call(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).float()
+    uncond, text = output.chunk(2)
+    return uncond + guidance_scale * (text - uncond)
+
+
+@torch.no_grad()
+def decode_flow_vae(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """A flow model's final latents through its VAE: latents / scaling_factor + shift_factor."""
+    vae = pipe.vae
+    shift = vae.config.shift_factor or 0.0
+    scaled = (latents / vae.config.scaling_factor + shift).to(vae.dtype)
+    image = vae.decode(scaled, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")
+
+
+def set_flow_timesteps(pipe, scheduler, num_steps: int, resolution: int, device) -> None:
+    """The sigma grid the pipeline samples with: `set_timesteps(num_steps)`, with the
+    resolution-dependent shift `mu` where the scheduler uses dynamic shifting (FLUX), computed
+    as the pipeline computes it from the image's token count."""
+    kwargs = {}
+    config = scheduler.config
+    if config.get("use_dynamic_shifting", False):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        family = family_of(pipe)
+        side = resolution // family.resolution_multiple(pipe)
+        kwargs["mu"] = calculate_shift(
+            side * side,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
+    scheduler.set_timesteps(num_steps, device=device, **kwargs)
 
 
 @torch.no_grad()
@@ -115,12 +179,13 @@ def decode_with_vae(pipe, latents: torch.Tensor) -> list[Image.Image]:
 
 def _families() -> dict[str, Family]:
     from ddpo_lite.families.sd1 import SD1
+    from ddpo_lite.families.sd3 import SD3
     from ddpo_lite.families.sdxl import SDXL
 
-    return {"sd1": SD1, "sdxl": SDXL}
+    return {"sd1": SD1, "sdxl": SDXL, "sd3": SD3}
 
 
-FAMILY_NAMES = ("sd1", "sdxl")
+FAMILY_NAMES = ("sd1", "sdxl", "sd3")
 
 
 def get_family(name: str) -> Family:

@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ddpo_lite.families import Cond, decode_with_vae
+from ddpo_lite.families import Cond, decode_with_vae, unet_latent_shape
 
 
 def predict_noise(
@@ -48,6 +48,18 @@ class _SD1:
     pipeline_class_names = ("StableDiffusionPipeline",)
     required_components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     vae_fp32_in_fp16 = False
+    denoiser_name = "unet"
+    sampler = "ddim"
+    has_negative_prompt = True
+
+    def denoiser(self, pipe) -> torch.nn.Module:
+        return pipe.unet
+
+    def latent_shape(self, pipe, batch: int, resolution: int) -> tuple[int, ...]:
+        return unet_latent_shape(pipe, batch, resolution)
+
+    def resolution_multiple(self, pipe) -> int:
+        return pipe.vae_scale_factor
 
     def text_encoders(self, pipe) -> list[torch.nn.Module]:
         return [pipe.text_encoder]

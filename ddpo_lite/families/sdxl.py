@@ -16,7 +16,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from ddpo_lite.families import Cond, decode_with_vae
+from ddpo_lite.families import Cond, decode_with_vae, unet_latent_shape
 
 
 class _SDXL:
@@ -33,6 +33,18 @@ class _SDXL:
         "scheduler",
     )
     vae_fp32_in_fp16 = True
+    denoiser_name = "unet"
+    sampler = "ddim"
+    has_negative_prompt = True
+
+    def denoiser(self, pipe) -> torch.nn.Module:
+        return pipe.unet
+
+    def latent_shape(self, pipe, batch: int, resolution: int) -> tuple[int, ...]:
+        return unet_latent_shape(pipe, batch, resolution)
+
+    def resolution_multiple(self, pipe) -> int:
+        return pipe.vae_scale_factor
 
     def text_encoders(self, pipe) -> list[torch.nn.Module]:
         return [pipe.text_encoder, pipe.text_encoder_2]

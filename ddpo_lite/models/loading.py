@@ -28,6 +28,7 @@ HUB_PROBE_TIMEOUT_S = 5.0
 
 _TINY_RE = re.compile(r"tiny(?::(\d+))?")
 _TINY_SDXL_RE = re.compile(r"tiny-sdxl(?::(\d+))?")
+_TINY_SD3_RE = re.compile(r"tiny-sd3(?::(\d+))?")
 #: The small pretrained model shipped inside the package (trained by scripts/train_shapes_model.py).
 SHAPES_MODEL_DIR = Path(__file__).parent / "shapes_model"
 
@@ -62,6 +63,7 @@ def load_pipeline(
     - ``"tiny"`` / ``"tiny:SEED"``: the built-in offline model (`tiny_pipeline_dir`), loaded with
       ``from_pretrained`` like any folder; ``seed`` applies to plain ``"tiny"``.
     - ``"tiny-sdxl"`` / ``"tiny-sdxl:SEED"``: the same in the SDXL architecture.
+    - ``"tiny-sd3"`` / ``"tiny-sd3:SEED"``: the same in the SD3 (flow-matching MMDiT) one.
     - ``"shapes"``: the small pretrained model that ships inside the package (``SHAPES_MODEL_DIR``;
       32x32 coloured shapes, captions like "a red circle on a blue background").
     - a local folder in diffusers layout (``model_index.json`` and the component subfolders).
@@ -91,6 +93,11 @@ def load_pipeline(
 
         tiny_seed = int(tiny_xl.group(1)) if tiny_xl.group(1) is not None else seed
         pipe = _from_folder(tiny_sdxl_pipeline_dir(tiny_seed), kwargs, family)
+    elif tiny_sd3 := _TINY_SD3_RE.fullmatch(name):
+        from .tiny_sd3 import tiny_sd3_pipeline_dir
+
+        tiny_seed = int(tiny_sd3.group(1)) if tiny_sd3.group(1) is not None else seed
+        pipe = _from_folder(tiny_sd3_pipeline_dir(tiny_seed), kwargs, family)
     elif name == "shapes":
         pipe = _from_folder(SHAPES_MODEL_DIR, kwargs, family)
     elif path.is_dir():
@@ -109,7 +116,10 @@ def load_pipeline(
             f"{name!r} is neither an existing folder nor a Hub id; {_ACCEPTED_FORMS}"
         )
 
-    pipe.scheduler = ddim_scheduler(pipe.scheduler)
+    from ddpo_lite.families import family_of
+
+    if family_of(pipe).sampler == "ddim":  # the flow families keep their FlowMatch scheduler
+        pipe.scheduler = ddim_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -201,18 +211,34 @@ def _check_layout(folder: Path, family: str = "auto"):
     return found
 
 
-def _pipeline_kwargs(found, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """SD 1.x pipelines take no safety checker (it is never loaded); SDXL has none."""
+def _pipeline_kwargs(found, kwargs: dict[str, Any], index: dict | None = None) -> dict[str, Any]:
+    """SD 1.x pipelines take no safety checker (it is never loaded); SDXL has none. An optional
+    component model_index.json leaves out (SD3 without T5) is passed as None, as diffusers needs."""
     if found.name == "sd1":
         return {"safety_checker": None, "requires_safety_checker": False, **kwargs}
-    return dict(kwargs)
+    absent = {
+        name: None
+        for name in getattr(found, "optional_components", ())
+        if index is not None and not (isinstance(index.get(name), list) and index[name][0])
+    }
+    return {**absent, **kwargs}
+
+
+def _read_index(folder: Path) -> dict:
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
 def _from_folder(folder: Path, kwargs: dict[str, Any], family: str = "auto"):
     found = _check_layout(folder, family)
     try:
         with quiet_progress_bars():
-            return found.pipeline_class.from_pretrained(folder, **_pipeline_kwargs(found, kwargs))
+            return found.pipeline_class.from_pretrained(
+                folder, **_pipeline_kwargs(found, kwargs, _read_index(folder))
+            )
     except Exception as err:
         raise ModelLoadError(
             f"could not load the pipeline in {str(folder)!r}: {_one_line(err)}"

@@ -92,10 +92,10 @@ def save_lora(
     try:
         state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
         adapter_config = unet.peft_config["default"].to_dict()
+        where = family.denoiser_name if family is not None else "unet"  # "unet" / "transformer"
         pipeline_class.save_lora_weights(
             tmp,
-            unet_lora_layers=state,
-            unet_lora_adapter_metadata=adapter_config,
+            **{f"{where}_lora_layers": state, f"{where}_lora_adapter_metadata": adapter_config},
             safe_serialization=True,
         )
         path = tmp / LORA_WEIGHT_NAME

@@ -49,16 +49,20 @@ def apply_memory_settings(pipe, memory, device: torch.device) -> torch.dtype:
     family = family_of(pipe)
     dtype = frozen_dtype(memory.mixed_precision, memory.half_base)
     text_encoders = family.text_encoders(pipe)
-    for model in (pipe.unet, pipe.vae, *text_encoders):
+    denoiser = family.denoiser(pipe)
+    for model in (denoiser, pipe.vae, *text_encoders):
         model.requires_grad_(False)
         model.to(dtype=dtype)
     if dtype == torch.float16 and family.vae_fp32_in_fp16:
         pipe.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' force_upcast)
-    pipe.unet.to(device)
+    denoiser.to(device)
     pipe.vae.to(device)
-    set_attention(pipe.unet, memory.attention)
+    if family.sampler == "ddim":  # the UNets' processors; the transformers keep their own (sdpa)
+        set_attention(denoiser, memory.attention)
+    elif memory.attention == "xformers":
+        set_attention(denoiser, memory.attention)
     if memory.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     if memory.vae_slicing:
         pipe.vae.enable_slicing()
     pipe.vae.eval()

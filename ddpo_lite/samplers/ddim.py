@@ -227,16 +227,26 @@ class DDIMSampler:
             self.scheduler, model_output, timestep, sample, self.eta, prev_sample, generator
         )
 
+    def model_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """The timestep the model is called with: the stored one (DDIM stores UNet timesteps)."""
+        return timestep
+
+    def stochastic_steps(self) -> list[int]:
+        """The steps with noise, and so a log-probability: all of them when eta > 0."""
+        return list(range(len(self.scheduler.timesteps))) if self.eta > 0 else []
+
     def advance(
         self,
         model_output: torch.Tensor,
         timestep: torch.Tensor,
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
+        stochastic: bool = True,
     ) -> torch.Tensor:
         """x_{t-1} without its log-probability (eta = 0 allowed: the deterministic DDIM step);
-        draws the same noise as `step`, so a run that records and one that does not agree."""
-        if self.eta > 0:
+        draws the same noise as `step`, so a run that records and one that does not agree.
+        `stochastic` False takes the deterministic step whatever the eta (outside an SDE window)."""
+        if self.eta > 0 and stochastic:
             return self.step(model_output, timestep, sample, generator=generator)[0]
         mean, _ = ddim_mean_std(self.scheduler, model_output, timestep, sample, 0.0)
         return mean
