@@ -71,6 +71,7 @@ def _load_builtins() -> None:
         hps,
         image_reward,
         jpeg,
+        ocr,
         pickscore,
         shapes,
     )
