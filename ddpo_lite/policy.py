@@ -37,7 +37,9 @@ class Policy:
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance with the negative prompt: scale > 1 on a family that has it
+        (FLUX's guidance is an input of the transformer instead: its family reads the scale)."""
+        return self.guidance_scale > 1.0 and self.family.has_negative_prompt
 
     def predict(
         self,
