@@ -68,6 +68,9 @@ class SampleConfig:
     same_initial_noise: bool = True
     """With group_size > 1: a group's images start from one noise (False: each its own, as
     Flow-GRPO samples its groups; the group then shares only the prompt)."""
+    sampler: str = "ddim"
+    """UNet families: 'ddim' (with sample.eta), or 'dpm-solver' (DPM-Solver++, deterministic,
+    for the log-prob-free train.algorithm 'nft' / 'awm' only: fewer steps for the same images)."""
     flow_sampler: str = "sde"
     """Flow models only: 'sde' (Flow-GRPO's ODE-to-SDE step, noise level sample.eta; 0.7 in
     its configs) or 'cps' (coefficient-preserving sampling); samplers/flow_sde.py."""
@@ -301,6 +304,11 @@ class Config:
             ),
             ("train.awm_power", t.awm_power > 0, "a number > 0"),
             (
+                "sample.sampler",
+                s.sampler in ("ddim", "dpm-solver"),
+                "'ddim' or 'dpm-solver'",
+            ),
+            (
                 "sample.flow_sampler",
                 s.flow_sampler in FLOW_SAMPLERS,
                 f"one of {', '.join(map(repr, FLOW_SAMPLERS))}",
@@ -353,6 +361,12 @@ class Config:
                 raise ConfigError(
                     f"{name} = {get_field(self, name)!r} is invalid: expected {accepted}"
                 )
+        if s.sampler == "dpm-solver" and t.algorithm not in TRAJECTORY_FREE:
+            raise ConfigError(
+                f"sample.sampler = 'dpm-solver' is deterministic (no log-probability); "
+                f"{t.algorithm} needs the DDIM policy: use train.algorithm = 'nft' or 'awm', or "
+                "sample.sampler = 'ddim'"
+            )
         if t.algorithm == "grpo" and s.group_size < 2:
             raise ConfigError(
                 "train.algorithm = 'grpo' normalises each reward within its group: set "
@@ -373,11 +387,13 @@ class Config:
                 f"train.num_inner_epochs = {t.num_inner_epochs}: {t.algorithm} is on-policy "
                 "only and takes one optimizer step per epoch; set it to 1 or use ddpo-is"
             )
-        if s.eta == 0 and s.group_size > 1:
+        deterministic = s.eta == 0 or s.sampler == "dpm-solver"
+        if deterministic and s.group_size > 1 and s.same_initial_noise:
             raise ConfigError(
-                f"sample.eta = 0 with sample.group_size = {s.group_size}: a group's images share "
-                "their prompt and starting noise, so a deterministic sampler makes them identical "
-                "and every advantage 0; set sample.eta > 0 or sample.group_size = 1"
+                f"a deterministic sampler (sample.eta = {s.eta}, sample.sampler = {s.sampler!r}) "
+                f"with sample.group_size = {s.group_size}: a group's images share their prompt "
+                "and starting noise, so they are identical and every advantage 0; set "
+                "sample.same_initial_noise = false, sample.eta > 0 or sample.group_size = 1"
             )
         if t.algorithm in TRAJECTORY_FREE and self.guard.max_kl:
             raise ConfigError(

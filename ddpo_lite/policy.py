@@ -17,6 +17,7 @@ import torch
 
 from ddpo_lite.families import Cond, Family
 from ddpo_lite.samplers.ddim import DDIMSampler
+from ddpo_lite.samplers.dpm import DPMSolverSampler
 from ddpo_lite.samplers.flow_sde import FlowSDESampler
 
 
@@ -27,7 +28,7 @@ class Policy:
     denoiser: torch.nn.Module
     """The model that carries the LoRA (UNet or transformer), unwrapped: sampling needs no
     gradient sync; the update passes its DDP-wrapped twin (the same weights) to `predict`."""
-    sampler: DDIMSampler | FlowSDESampler
+    sampler: DDIMSampler | FlowSDESampler | DPMSolverSampler
     encoder: Any
     """A `PromptEncoder`: prompts -> (Cond, negative Cond), cached."""
     guidance_scale: float

@@ -230,6 +230,7 @@ def rollout(
         latents = latents.repeat_interleave(group_size, dim=0)
     latents = latents * sampler.init_noise_sigma
 
+    sampler.begin()
     steps = sampler.timesteps
     noisy = window if window is not None else range(len(steps))
     recorded = set(sampler.stochastic_steps()) & set(noisy) if record else set()

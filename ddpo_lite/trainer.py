@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -79,6 +79,7 @@ from ddpo_lite.run_files import (
     write_model_card,
 )
 from ddpo_lite.samplers.ddim import DDIMSampler
+from ddpo_lite.samplers.dpm import DPMSolverSampler
 from ddpo_lite.samplers.flow_sde import FlowSDESampler
 from ddpo_lite.sampling import PromptEncoder, Trajectory, rollout
 from ddpo_lite.update import optimizer_steps, update
@@ -198,6 +199,10 @@ def make_scheduler(pipe, num_steps: int, device) -> DDIMScheduler:
 def make_sampler(pipe, family, config: Config, resolution: int, device):
     """The family's sampler with the config's steps and noise: DDIM with eta for the UNets,
     Flow-GRPO's SDE (or CPS) on the pipeline's own FlowMatch sigmas for the flow models."""
+    if family.sampler == "ddim" and config.sample.sampler == "dpm-solver":
+        scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(config.sample.num_steps, device=device)
+        return DPMSolverSampler(scheduler)
     if family.sampler == "ddim":
         return DDIMSampler(make_scheduler(pipe, config.sample.num_steps, device), config.sample.eta)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -212,6 +217,11 @@ def check_family_settings(pipe, family, config: Config, resolution: int) -> None
         raise ConfigError(
             f"sample.resolution = {resolution} is not a multiple of {multiple} (the {family.name} "
             f"model's VAE factor x patch size); use e.g. {resolution // multiple * multiple or multiple}"
+        )
+    if family.sampler == "flow" and config.sample.sampler != "ddim":
+        raise ConfigError(
+            f"sample.sampler = {config.sample.sampler!r} is a UNet sampler; the {family.name} "
+            "model samples its flow (sample.flow_sampler, and sample.eta = 0 for the ODE)"
         )
     if family.sampler == "ddim" and config.sample.flow_sampler != "sde":
         raise ConfigError(

@@ -129,3 +129,52 @@ def test_the_estimate_drops_the_chain_for_nft():
     # 256 x 51 latents against 256 final latents (the prompt embeddings stay in both)
     assert ddpo.phases["training"].parts[held] > 10 * nft.phases["training"].parts[held]
     assert nft.peak_bytes < ddpo.peak_bytes
+
+
+def test_dpm_solver_samples_as_diffusers_and_nft_trains_on_it(tmp_path):
+    """sample.sampler = 'dpm-solver': the rollout's final latents are the diffusers pipeline's
+    own with DPMSolverMultistepScheduler from the same noise (twice in a row: the multistep
+    history is reset per rollout), NFT trains on them, and a log-prob algorithm is refused."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ddpo_lite.samplers.dpm import DPMSolverSampler
+
+    config, _, run = _run(
+        tmp_path, "train.algorithm='nft'", "sample.sampler='dpm-solver'", "sample.num_steps=5"
+    )
+    assert isinstance(run.policy.sampler, DPMSolverSampler)
+    prompts = ["a cat", "a dog"]
+    for _ in range(2):
+        _, trajectory = rollout(
+            run.policy, prompts, torch.arange(2), torch.Generator().manual_seed(0), record=False
+        )
+    assert trajectory.chain.shape[1] == 1 and trajectory.log_probs.shape == (2, 0)
+    pipe = run.pipe
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    theirs = pipe(
+        prompts,
+        num_inference_steps=5,
+        guidance_scale=config.sample.guidance_scale,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
+    torch.testing.assert_close(trajectory.final_latents, theirs.float(), rtol=1e-5, atol=1e-5)
+
+    result = train(
+        tiny_config(
+            tmp_path / "nft",
+            "train.algorithm='nft'",
+            "sample.sampler='dpm-solver'",
+            "sample.num_steps=4",
+            "num_epochs=1",
+            "sample.num_batches_per_epoch=1",
+            "log_with=[]",
+        ),
+        show_progress=False,
+    )
+    assert np.isfinite(result.metrics[0]["loss"])
+    with pytest.raises(ConfigError, match="dpm-solver"):
+        tiny_config(tmp_path, "sample.sampler='dpm-solver'")  # ddpo-is needs the DDIM policy
+    with pytest.raises(ConfigError, match="identical"):
+        tiny_config(tmp_path, "sample.sampler='dpm-solver'", "train.algorithm='nft'",
+                    "sample.group_size=2")  # fmt: skip

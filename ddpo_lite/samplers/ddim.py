@@ -227,6 +227,9 @@ class DDIMSampler:
             self.scheduler, model_output, timestep, sample, self.eta, prev_sample, generator
         )
 
+    def begin(self) -> None:
+        """Start of a rollout: DDIM keeps no state between steps."""
+
     def model_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
         """The timestep the model is called with: the stored one (DDIM stores UNet timesteps)."""
         return timestep

@@ -161,6 +161,9 @@ class FlowSDESampler:
     def init_noise_sigma(self) -> float:
         return 1.0
 
+    def begin(self) -> None:
+        """Start of a rollout: the flow step keeps no state between steps."""
+
     def model_timestep(self, step: torch.Tensor) -> torch.Tensor:
         """The scheduler's timestep (sigma * 1000) of step index `step`."""
         timesteps = self.scheduler.timesteps
