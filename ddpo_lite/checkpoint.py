@@ -10,7 +10,8 @@ completed (not the number of saves), holding:
 - `state.json`: epoch, stat-tracker buffers, optimizer scalars, ddpo-lite version.
 
 It is written into a hidden temporary folder, every file fsynced, then renamed into place: a
-crash mid-write leaves no `epoch_NNNN` folder, so `latest_checkpoint` never finds a partial one.
+crash mid-write leaves no `epoch_NNNN` folder, so `latest_checkpoint` never finds a partial one
+(the next start removes the hidden leftover: `run_files.clean_leftovers`).
 Nothing is unpickled when loading.
 """
 

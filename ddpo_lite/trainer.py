@@ -67,6 +67,7 @@ from ddpo_lite.models.memory import apply_memory_settings
 from ddpo_lite.policy import Policy
 from ddpo_lite.rewards.compose import CheckedReward, RewardError, build_reward
 from ddpo_lite.run_files import (
+    clean_leftovers,
     epoch_summary,
     lora_metadata,
     metrics_before,
@@ -327,6 +328,8 @@ def train(
     output_dir = Path(config.output_dir)
     checkpoint = prepare_output(output_dir, resume, overwrite)
     accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        clean_leftovers(output_dir, resume)  # a crash's temporary folders, a half-done LoRA swap
     console = Console(soft_wrap=True, markup=False)  # paths and reasons print as text
     enabled = show_progress and accelerator.is_main_process and console.is_terminal
     loading = f"loading the model {config.model.name!r} and the reward"

@@ -250,3 +250,34 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, c
     assert code == 2
     err = capsys.readouterr().err
     assert "no intact checkpoint" in err and "Traceback" not in err
+
+
+def test_leftovers_of_a_crash_are_cleaned_and_a_half_done_lora_swap_repaired(tmp_path):
+    """A kill mid-save leaves hidden temporary folders (checkpoints/.epoch_NNNN-*, .lora-*); a
+    kill mid-swap leaves no lora/ but the previous one in .lora-old. The next start removes the
+    temporaries and, on resume, puts the previous LoRA back."""
+    out = tmp_path / "run"
+    train(tiny_config(tmp_path, "num_epochs=1", *SHORT), show_progress=False)
+    saved = _lora(out)
+    half_checkpoint = out / "checkpoints" / ".epoch_0002-k3j4h5"
+    half_lora = out / ".lora-a1b2c3"
+    half_best = out / ".best_lora-x9y8z7"
+    for folder in (half_checkpoint, half_lora, half_best):
+        folder.mkdir()
+        (folder / "adapter.safetensors").write_bytes(b"half written")
+    os.rename(out / "lora", out / ".lora-old")  # killed between the swap's two renames
+
+    with pytest.warns(UserWarning, match="restored the previous one from .lora-old"):
+        train(tiny_config(tmp_path, "num_epochs=1", *SHORT), resume=True, show_progress=False)
+    assert not any(p.exists() for p in (half_checkpoint, half_lora, half_best))
+    assert not (out / ".lora-old").exists()
+    restored = _lora(out)
+    assert restored.keys() == saved.keys()
+    assert all(torch.equal(restored[k], saved[k]) for k in saved)
+
+    # a new run over the folder (--overwrite) removes the leftovers too, and restores nothing
+    (out / ".lora-old").mkdir()
+    (out / "checkpoints").mkdir(exist_ok=True)
+    half_checkpoint.mkdir()
+    train(tiny_config(tmp_path, "num_epochs=1", *SHORT), overwrite=True, show_progress=False)
+    assert not (out / ".lora-old").exists() and not half_checkpoint.exists()
