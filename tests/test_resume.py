@@ -281,3 +281,57 @@ def test_leftovers_of_a_crash_are_cleaned_and_a_half_done_lora_swap_repaired(tmp
     half_checkpoint.mkdir()
     train(tiny_config(tmp_path, "num_epochs=1", *SHORT), overwrite=True, show_progress=False)
     assert not (out / ".lora-old").exists() and not half_checkpoint.exists()
+
+
+def test_resume_refuses_user_code_its_config_names_unless_confirmed(tmp_path, capsys, monkeypatch):
+    """A run folder may come from someone else: `--resume DIR` whose config.toml names a
+    'file.py:fn' reward says so in one line and imports nothing, unless --trust-reward-code is
+    given or the command line names that reward again."""
+    import ddpo_lite.trainer
+    from ddpo_lite.cli import main
+    from ddpo_lite.config import to_toml
+
+    marker = tmp_path / "ran.txt"
+    code = tmp_path / "evil.py"
+    code.write_text(
+        "import pathlib\n"
+        "import numpy as np\n"
+        f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
+        "def score(images, prompts, metadata):\n"
+        "    return np.zeros(len(images)), {}\n"
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = f"{code}:score"
+    config = tiny_config(tmp_path, "num_epochs=1", *SHORT, f'reward.name="{spec}"')
+    (run / "config.toml").write_text(to_toml(config))
+
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "names Python code as the reward" in err and "--trust-reward-code" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not marker.exists()
+    # weights name code too
+    (run / "config.toml").write_text(
+        to_toml(config).replace("weights = {}", f'weights = {{"{spec}" = 1.0}}')
+    )
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "names Python code" in capsys.readouterr().err and not marker.exists()
+    (run / "config.toml").write_text(to_toml(config))
+
+    # named again on the command line: no refusal (train itself stubbed out here)
+    called = []
+
+    def fake_train(config, **kwargs):
+        called.append(config.reward.name)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ddpo_lite.trainer, "train", fake_train)
+        args = ["train", "--resume", str(run), "--quiet", "--set", f"reward.name={spec}"]
+        assert main(args) == 130
+    assert called == [spec]
+
+    # confirmed: the run goes ahead and the reward runs
+    assert main(["train", "--resume", str(run), "--quiet", "--trust-reward-code"]) == 0
+    assert marker.read_text() == "imported"

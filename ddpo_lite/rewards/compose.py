@@ -104,8 +104,22 @@ def load_user_reward(spec: str) -> Callable:
     return function
 
 
+def is_user_code(name: str) -> bool:
+    """'module:function' or 'file.py:function': Python that building the reward imports."""
+    return ":" in name and not name.startswith(("http://", "https://"))
+
+
+def user_code_names(reward_config) -> list[str]:
+    """The user-code rewards `build_reward` would import for this `[reward]` section (none for a
+    reward server: its URL takes precedence)."""
+    if reward_config.url:
+        return []
+    names = list(reward_config.weights) if reward_config.weights else [reward_config.name]
+    return [name for name in names if is_user_code(name)]
+
+
 def _one(name: str, options: dict[str, Any], models: dict[str, str]) -> Reward:
-    if ":" in name and not name.startswith(("http://", "https://")):
+    if is_user_code(name):
         return load_user_reward(name)
     return get_reward(name, model=models.get(name), **options)
 
