@@ -160,7 +160,8 @@ class RewardConfig:
     url: str = ""
     """Score through a reward server (`ddpo-lite serve-reward`) at this URL instead of in-process."""
     timeout: float = 120.0
-    """Reward server only: seconds to wait for one answer."""
+    """Reward server only: seconds to wait for one batch's rewards in all (every retry and
+    backoff included); a stalled server stops the run within it."""
     retries: int = 3
     """Reward server only: attempts after the first, with exponential backoff, before the run stops."""
     backoff: float = 1.0

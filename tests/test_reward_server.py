@@ -401,25 +401,42 @@ def test_server_that_comes_up_during_retries(monkeypatch):
     assert waited == [0.01]  # one refused attempt, one backoff, then the answer
 
 
-def test_timeout_is_retried_then_error(sleeps):
+def test_one_timeout_budget_covers_every_attempt_of_a_batch(sleeps):
+    """reward.timeout bounds the whole batch, retries and backoff included: a server that
+    never answers in time stops the call after `timeout` seconds, not attempts x timeout."""
+
     def slow(images, prompts, metadata):
-        time.sleep(0.5)
+        time.sleep(1.0)
         return np.zeros(len(images)), {}
 
     with running(slow) as server:
+        started = time.monotonic()
         with pytest.raises(RewardServerError) as err:
-            RemoteReward(server.url, timeout=0.1, retries=1, backoff=0.01)(make_images(1), ["a"])
+            RemoteReward(server.url, timeout=0.3, retries=5, backoff=0.01)(make_images(1), ["a"])
+        elapsed = time.monotonic() - started
     assert str(err.value) == (
-        f"reward server {server.url} did not answer after 2 attempts (timed out after 0.1s)"
+        f"reward server {server.url} did not answer within reward.timeout = 0.3s for the batch "
+        "(1 attempt; timed out after 0.3s)"
     )
-    assert sleeps == [0.01]
+    assert elapsed < 0.9 and sleeps == []  # no second 0.3 s attempt after the first
 
 
-def test_client_rejects_an_answer_of_the_wrong_length(sleeps):
-    class OneReward(BaseHTTPRequestHandler):
+@contextmanager
+def fake_server(answer):
+    """A plain HTTP server whose POST answer is `answer(request) -> (status, headers, body)`."""
+
+    class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = b'{"rewards": [1.0], "info": {}}'
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, headers, body = answer(request)
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802  (where a followed redirect would land)
+            body = b'{"rewards": [123.0, 123.0], "info": {}}'
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -428,17 +445,64 @@ def test_client_rejects_an_answer_of_the_wrong_length(sleeps):
         def log_message(self, *args):
             pass
 
-    server = HTTPServer(("127.0.0.1", 0), OneReward)
+    server = HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        with pytest.raises(RewardServerError) as err:
-            RemoteReward(url, retries=3, backoff=0.01)(make_images(2), ["a", "b"])
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
-    assert str(err.value) == f"reward server {url} answered 1 rewards for 2 images"
+
+
+def _json(request, **fields):
+    return 200, {}, json.dumps({"id": request["id"], "info": {}, **fields}).encode()
+
+
+WRONG_ANSWERS = {
+    "wrong length": (lambda r: _json(r, rewards=[1.0]), "answered 1 rewards for 2 images"),
+    "booleans": (
+        lambda r: _json(r, rewards=[True, False]),
+        "2 reward(s) that are not JSON numbers, such as True (bool)",
+    ),
+    "numeric strings": (
+        lambda r: _json(r, rewards=["1.5", 2.0]),
+        "1 reward(s) that are not JSON numbers, such as '1.5' (str)",
+    ),
+    "another request's id": (
+        lambda r: (200, {}, json.dumps({"id": "x" + r["id"], "rewards": [1, 2]}).encode()),
+        "answered with request id 'x",
+    ),
+    "no id": (
+        lambda r: (200, {}, b'{"rewards": [1.0, 2.0], "info": {}}'),
+        "answered with request id None",
+    ),
+    "a redirect": (
+        lambda r: (302, {"Location": "/elsewhere"}, b""),
+        "answered a redirect (HTTP 302 to /elsewhere), which ddpo-lite does not follow",
+    ),
+    "a permanent redirect": (
+        lambda r: (308, {"Location": "http://127.0.0.1:1/score"}, b""),
+        "answered a redirect (HTTP 308",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_ANSWERS))
+def test_client_accepts_only_the_answer_it_asked_for(sleeps, case):
+    """No redirects followed (a 302 once turned the POST into a GET without images, and the run
+    trained on its answer); rewards are JSON numbers or null, one per image, for this request."""
+    answer, expected = WRONG_ANSWERS[case]
+    with fake_server(answer) as url:
+        with pytest.raises(RewardServerError) as err:
+            RemoteReward(url, retries=3, backoff=0.01)(make_images(2), ["a", "b"])
+    assert str(err.value).startswith(f"reward server {url} ")
+    assert expected in str(err.value)
     assert sleeps == []  # a wrong answer is not retried
+
+    # the right answer from the same kind of server is taken
+    with fake_server(lambda r: _json(r, rewards=[1, None])) as url:
+        rewards, _ = RemoteReward(url)(make_images(2), ["a", "b"])
+    np.testing.assert_array_equal(rewards, [1.0, np.nan])
 
 
 def test_client_checks_its_arguments():

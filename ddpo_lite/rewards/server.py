@@ -4,11 +4,14 @@ Why: a big reward model can live on another GPU or machine than the trainer, and
 can share it. The protocol is JSON with base64 PNG images; nothing is ever unpickled, so a
 request can only ever be data (the DDPO paper's LLaVA server unpickles its requests: not ours).
 
-    POST /score   {"images": [b64 PNG, ...], "prompts": [str, ...], "metadata": [{...}, ...]}
-               -> 200 {"rewards": [float | null, ...], "info": {name: [per-sample] | scalar}}
+    POST /score   {"images": [b64 PNG, ...], "prompts": [str, ...], "metadata": [{...}, ...],
+                   "id": str}
+               -> 200 {"rewards": [float | null, ...], "info": {name: [per-sample] | scalar},
+                       "id": the request's id}
     GET  /health -> 200 {"status": "ok", "reward": NAME, "max_request_bytes": N, "max_batch": M}
 
-`metadata` may be left out (one empty dict per image); any other field is an error. Non-finite
+`metadata` may be left out (one empty dict per image), and `id` (a string of at most 200
+characters, echoed back so that the client can tell its answer); any other field is an error. Non-finite
 floats are sent as null (strict JSON has no NaN); `RemoteReward` reads them back as NaN.
 Errors answer {"error": message}: 400 a malformed request (bad JSON, wrong or missing fields,
 lengths that disagree, an image that is not a decodable PNG or is too large), 411 no
@@ -57,7 +60,8 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20  # 64 MiB: ~100 SD-1.5 images at 512x512 
 DEFAULT_MAX_BATCH = 16
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image; a PNG's header is checked before it is decoded
 MAX_REQUEST_PIXELS = 2**28  # per request (~0.8 GB as RGB): bounds what decoding can allocate
-_FIELDS = ("images", "prompts", "metadata")
+_FIELDS = ("images", "prompts", "metadata", "id")
+MAX_ID_CHARS = 200
 
 
 class BadRequest(ValueError):
@@ -215,7 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         # 1. the request: size checked before reading, then parsed and decoded (no lock held)
         try:
-            images, prompts, metadata = parse_request(self._read_body())
+            images, prompts, metadata, request_id = parse_request(self._read_body())
         except BadRequest as err:
             self._answer(err.status, {"error": str(err)})
             if err.status == 413:
@@ -230,6 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.reward_lock,
             )  # fmt: skip
             payload = {"rewards": to_jsonable(rewards), "info": to_jsonable(info)}
+            if request_id is not None:
+                payload["id"] = request_id
         except RewardOutputError as err:
             message = f"reward {name!r} {err}"
             self._answer(500, {"error": message})
@@ -323,8 +329,8 @@ class _Handler(BaseHTTPRequestHandler):
         log.warning("%s %s", self.address_string(), format % args)
 
 
-def parse_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict]]:
-    """A /score body as (images, prompts, metadata); BadRequest says what is wrong."""
+def parse_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict], str | None]:
+    """A /score body as (images, prompts, metadata, id or None); BadRequest says what is wrong."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
@@ -338,6 +344,11 @@ def parse_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict]
         if field not in data:
             raise BadRequest(f"missing field {field!r}")
     images, prompts = data["images"], data["prompts"]
+    request_id = data.get("id")
+    if request_id is not None and not (
+        isinstance(request_id, str) and len(request_id) <= MAX_ID_CHARS
+    ):
+        raise BadRequest(f"'id' must be a string of at most {MAX_ID_CHARS} characters")
     metadata = data.get("metadata")
     if metadata is None:
         metadata = [{} for _ in images] if isinstance(images, list) else None
@@ -354,7 +365,7 @@ def parse_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict]
             f"{len(images)} images, {len(prompts)} prompts and {len(metadata)} metadata entries: "
             "they must be one per sample"
         )
-    return decode_images(images), prompts, metadata
+    return decode_images(images), prompts, metadata, request_id
 
 
 def decode_images(encoded: Sequence[str]) -> list[Image.Image]:
