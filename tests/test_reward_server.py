@@ -335,6 +335,8 @@ def test_reward_that_raises_is_500_retried_then_error(sleeps):
             raise RuntimeError("the model fell over")
         if "short" in prompts:
             return np.zeros(len(images) - 1), {}
+        if "flags" in prompts:
+            return np.ones(len(images), dtype=bool), {}
         return np.arange(len(images), dtype=float), {}
 
     images = make_images(2)
@@ -350,6 +352,14 @@ def test_reward_that_raises_is_500_retried_then_error(sleeps):
         status, answer = post(server, body.encode())
         assert status == 500
         assert answer["error"] == "reward 'fragile' returned rewards of shape (1,) for 2 images"
+
+        body = json.dumps(
+            {"images": [encode_image(im) for im in images], "prompts": ["flags", "x"]}
+        )
+        status, answer = post(server, body.encode())
+        assert status == 500 and answer["error"].startswith(
+            "reward 'fragile' returned non-numeric rewards: booleans, not numbers"
+        )
 
         calls.clear()
         remote = RemoteReward(server.url, retries=2, backoff=0.01)

@@ -328,7 +328,12 @@ def _read_before(response, deadline: float) -> bytes:
         parts.append(chunk)
         if time.monotonic() > deadline:
             raise TimeoutError("the answer was still arriving at the deadline")
-    return b"".join(parts)
+    body = b"".join(parts)
+    expected = response.headers.get("Content-Length")
+    if expected is not None and expected.isdigit() and len(body) < int(expected):
+        # read(n) ends quietly where read() raises: the server went away mid-answer
+        raise http.client.IncompleteRead(body, int(expected) - len(body))
+    return body
 
 
 def _is_number_or_null(value: Any) -> bool:

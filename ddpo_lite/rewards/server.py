@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 from ddpo_lite.rewards.client import merge_infos, to_jsonable
+from ddpo_lite.rewards.compose import as_reward_values
 from ddpo_lite.rewards.registry import Reward, UnknownRewardError, get_reward
 
 log = logging.getLogger("ddpo_lite.reward_server")
@@ -418,7 +419,10 @@ def score_in_chunks(
                 images[start:stop], prompts[start:stop], metadata[start:stop]
             )
         n = len(images[start:stop])
-        chunk_rewards = np.asarray(_to_numpy(chunk_rewards), dtype=np.float64)
+        try:
+            chunk_rewards = as_reward_values(chunk_rewards)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise RewardOutputError(f"returned non-numeric rewards: {err}") from None
         if chunk_rewards.shape != (n,):
             raise RewardOutputError(
                 f"returned rewards of shape {chunk_rewards.shape} for {n} images"
@@ -433,12 +437,6 @@ def score_in_chunks(
     if not rewards:
         return np.zeros(0, dtype=np.float64), {}
     return np.concatenate(rewards), merge_infos(infos, sizes)
-
-
-def _to_numpy(values: Any) -> Any:
-    if hasattr(values, "detach"):  # a torch tensor
-        return values.detach().float().cpu().numpy()
-    return values
 
 
 # ---------------------------------------------------------------------------------------------
