@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,7 @@ from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import attach_lora, save_lora
 from ddpo_lite.models.memory import apply_memory_settings
 from ddpo_lite.policy import Policy
+from ddpo_lite.reward_worker import RewardWorker
 from ddpo_lite.rewards.compose import CheckedReward, RewardError, build_reward
 from ddpo_lite.run_files import (
     clean_leftovers,
@@ -344,7 +346,9 @@ def train(
         loop = TrainingLoop(config, accelerator, reward, prompts, eval_groups, output_dir, console)
     first_epoch = loop.restore_intact(checkpoint) if checkpoint is not None else 0
     loop.start(first_epoch, resumed=resume, from_checkpoint=checkpoint is not None)
-    executor = ThreadPoolExecutor(1, "ddpo-lite-reward") if config.reward.overlap else None
+    # the reward runs in its own thread (overlapping the next batch's sampling with
+    # reward.overlap), so that every wait on it is bounded and Ctrl-C stops the run
+    executor = RewardWorker()
     try:
         with _progress(loop.console, enabled) as progress:
             loop.progress = progress
@@ -363,8 +367,7 @@ def train(
     except RewardError as err:
         raise RewardError(_stopped_message(err, loop.result)) from err
     finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(cancel_futures=True)  # never waits for a reward that hangs
         accelerator.end_training()
     return loop.result
 
@@ -700,12 +703,13 @@ def sample_epoch(
     accelerator: Accelerator,
     reward,
     advance: Callable[[], None] = lambda: None,
-    executor: ThreadPoolExecutor | None = None,
+    executor: RewardWorker | ThreadPoolExecutor | None = None,
 ) -> EpochSamples:
     """`sample.num_batches_per_epoch` rollouts of uniformly drawn prompts, each batch scored by
-    `reward`. With an `executor`, batch k is scored in its worker while batch k+1 is sampled (as
-    the paper's implementation does); rewards are collected in submission order, so each lands
-    with its own samples."""
+    `reward`. With an `executor` and `reward.overlap`, batch k is scored in its worker while
+    batch k+1 is sampled (as the paper's implementation does); rewards are collected in
+    submission order, so each lands with its own samples. Each wait for a batch's rewards is
+    bounded by `reward.local_timeout` (in-process rewards; a server's by `reward.timeout`)."""
     images, texts, parts, pending = [], [], [], []
     chain = None  # the epoch's chains, filled batch by batch: no end-of-epoch copy
     num_batches, batch_size = config.sample.num_batches_per_epoch, config.sample.batch_size
@@ -719,6 +723,8 @@ def sample_epoch(
         metadata = [{} for _ in batch_images]
         if executor is not None:
             pending.append(executor.submit(reward, batch_images, batch_texts, metadata))
+            if not config.reward.overlap:  # scored before the next batch samples
+                pending[-1] = _reward_result(pending[-1], reward, config)
         else:
             pending.append(reward(batch_images, batch_texts, metadata))
         if chain is None:
@@ -731,10 +737,26 @@ def sample_epoch(
         parts.append(trajectory)
         advance()
     waited_from = time.perf_counter()
-    scores = [item.result() if isinstance(item, Future) else item for item in pending]
+    scores = [_reward_result(item, reward, config) for item in pending]
     wait = time.perf_counter() - waited_from
     rewards = np.concatenate([values for values, _ in scores])
     return EpochSamples(images, texts, Trajectory.cat(parts, chain), rewards, wait)
+
+
+def _reward_result(item, reward, config: Config):
+    """A batch's (rewards, info): `item` itself, or its Future's result, waited for at most
+    `reward.local_timeout` seconds (a reward server's wait is bounded by its client)."""
+    if not isinstance(item, Future):
+        return item
+    timeout = None if config.reward.url else config.reward.local_timeout
+    try:
+        return item.result(timeout=timeout)
+    except FutureTimeout:
+        name = getattr(reward, "name", None) or getattr(reward, "__name__", "the reward")
+        raise RewardError(
+            f"reward {name!r} did not return within reward.local_timeout = {timeout:g}s for one "
+            "batch (hung? if it is only slow, raise reward.local_timeout)"
+        ) from None
 
 
 @dataclass

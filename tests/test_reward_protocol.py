@@ -219,3 +219,72 @@ def test_sys_exit_in_a_reward_is_one_line_and_ctrl_c_stops_the_run(tmp_path, ove
 
     with pytest.raises(KeyboardInterrupt):
         train(config, reward_fn=interrupted, show_progress=False, overwrite=True)
+
+
+def _hanging_reward(started: threading.Event, release: threading.Event, safety: float = 8.0):
+    """A reward that never returns (until `release`, set by the test or after `safety` s)."""
+
+    def hangs(images, prompts, metadata):
+        started.set()
+        release.wait(safety)
+        return np.zeros(len(images)), {}
+
+    return hangs
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_reward_that_never_returns_stops_the_run(tmp_path, overlap):
+    """reward.local_timeout bounds one batch's in-process reward call: the run stops in one
+    line instead of hanging, and does not wait for the hung call to end."""
+    overrides = ["sample.num_steps=2", "sample.num_batches_per_epoch=2", "log_with=[]"]
+    config = tiny_config(
+        tmp_path,
+        "num_epochs=1",
+        "reward.local_timeout=1.5",
+        f"reward.overlap={str(overlap).lower()}",
+        *overrides,
+    )
+    started, release = threading.Event(), threading.Event()
+    begun = time.monotonic()
+    try:
+        with pytest.raises(RewardError) as err:
+            train(config, reward_fn=_hanging_reward(started, release), show_progress=False)
+        elapsed = time.monotonic() - begun
+    finally:
+        release.set()
+    message = str(err.value)
+    assert "reward 'hangs' did not return within reward.local_timeout = 1.5s" in message
+    assert "stopped in epoch 1" in message and "--resume" in message
+    assert elapsed < 7.5  # the safety release (8 s) would let it finish instead
+
+
+def test_ctrl_c_while_waiting_on_the_reward_stops_within_seconds(tmp_path):
+    """Ctrl-C while the trainer waits for a reward that hangs stops the run at once: it never
+    waits for the reward thread to finish."""
+    import signal
+
+    config = tiny_config(
+        tmp_path,
+        "num_epochs=1",
+        "sample.num_steps=2",
+        "sample.num_batches_per_epoch=1",
+        "log_with=[]",
+    )
+    started, release = threading.Event(), threading.Event()
+    main_thread = threading.main_thread().ident
+    sent = []
+
+    def press_ctrl_c():
+        if started.wait(60):
+            time.sleep(0.3)  # the trainer is waiting on the reward by now
+            sent.append(time.monotonic())
+            signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(config, reward_fn=_hanging_reward(started, release, 6.0), show_progress=False)
+        stopped = time.monotonic()
+    finally:
+        release.set()
+    assert sent and stopped - sent[0] < 3  # the old shutdown(wait=True) waited out the 6 s
