@@ -49,6 +49,11 @@ class DamagedCheckpointError(CheckpointError):
     say) is a plain CheckpointError: an older one would not fit either."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint, the LoRA or another run file could not be written (disk full, quota, a
+    read-only folder): the run stops; the checkpoints already written stay intact."""
+
+
 #: The files whose SHA-256 state.json records and resume verifies.
 HASHED = ("adapter.safetensors", "optimizer.safetensors", "rng.safetensors")
 

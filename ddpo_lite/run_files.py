@@ -135,6 +135,32 @@ def clean_leftovers(output_dir: Path, resume: bool) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def refresh_lora(output_dir: Path, checkpoint: Path) -> bool:
+    """On resume: put the checkpoint's LoRA in `lora/` when that is missing or older than the
+    checkpoint (a save that failed or was killed between the two), so that `lora/` is the
+    resumed state even when no epoch is left to run. True when it was replaced."""
+    final, saved = output_dir / "lora", checkpoint / "lora"
+    if not (saved / "ddpo_lite.json").is_file():
+        return False
+    wanted = json.loads((saved / "ddpo_lite.json").read_text()).get("epoch")
+    try:
+        current = json.loads((final / "ddpo_lite.json").read_text()).get("epoch")
+    except (OSError, ValueError):
+        current = None
+    if current is not None and wanted is not None and current >= wanted:
+        return False
+    tmp = output_dir / f".lora-from-{checkpoint.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(saved, tmp)
+    old = output_dir / ".lora-old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
 def epoch_summary(epoch: int, num_epochs: int, row: dict) -> str:
     """One plain line per epoch: reward, KL, clip fraction, evaluation (and its change from the
     base model), time, memory."""

@@ -43,7 +43,9 @@ from ddpo_lite.advantages import PerPromptStatTracker, compute_advantages, group
 from ddpo_lite.algorithms import rwr_weights
 from ddpo_lite.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     DamagedCheckpointError,
+    checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -74,6 +76,7 @@ from ddpo_lite.run_files import (
     lora_metadata,
     metrics_before,
     prepare_output,
+    refresh_lora,
     write_model_card,
 )
 from ddpo_lite.samplers.ddim import DDIMSampler
@@ -345,6 +348,8 @@ def train(
         )
         loop = TrainingLoop(config, accelerator, reward, prompts, eval_groups, output_dir, console)
     first_epoch = loop.restore_intact(checkpoint) if checkpoint is not None else 0
+    if first_epoch and accelerator.is_main_process:  # lora/ older than the checkpoint: its own
+        refresh_lora(output_dir, checkpoint_dir(output_dir, first_epoch))
     loop.start(first_epoch, resumed=resume, from_checkpoint=checkpoint is not None)
     # the reward runs in its own thread (overlapping the next batch's sampling with
     # reward.overlap), so that every wait on it is bounded and Ctrl-C stops the run
@@ -366,6 +371,9 @@ def train(
                     break
     except RewardError as err:
         raise RewardError(_stopped_message(err, loop.result)) from err
+    except OSError as err:  # metrics.jsonl, sample grids, best_lora/: disk full, quota, ...
+        what = f"writing {str(err.filename)!r}" if err.filename else "writing the run's files"
+        raise CheckpointWriteError(_write_failed(what, err, loop.result)) from err
     finally:
         executor.shutdown(cancel_futures=True)  # never waits for a reward that hangs
         accelerator.end_training()
@@ -650,22 +658,28 @@ class TrainingLoop:
         if not self.is_main:
             return
         metadata = {**self.metadata, "epoch": epochs_done}
-        save_checkpoint(
-            self.output_dir,
-            epochs_done,
-            unet=run.denoiser,
-            optimizer=run.optimizer,
-            tracker_state=self.tracker.state_dict() if self.tracker is not None else None,
-            generator_states=list(states.cpu()),
-            lora_metadata=metadata,
-            keep=self.config.keep_checkpoints,
-            extra={"guard": self.guard.state_dict()},
-            family=run.policy.family,
-        )
-        save_lora(run.denoiser, self.result.lora_dir, metadata, run.policy.family)
-        write_model_card(
-            self.output_dir, self.config, self.metadata, epochs_done, self.result.metrics
-        )
+        what = f"the checkpoint of epoch {epochs_done}"
+        try:  # each is written aside and renamed into place: a failure leaves the last intact
+            save_checkpoint(
+                self.output_dir,
+                epochs_done,
+                unet=run.denoiser,
+                optimizer=run.optimizer,
+                tracker_state=self.tracker.state_dict() if self.tracker is not None else None,
+                generator_states=list(states.cpu()),
+                lora_metadata=metadata,
+                keep=self.config.keep_checkpoints,
+                extra={"guard": self.guard.state_dict()},
+                family=run.policy.family,
+            )
+            what = f"the LoRA of epoch {epochs_done} ({self.result.lora_dir.name}/)"
+            save_lora(run.denoiser, self.result.lora_dir, metadata, run.policy.family)
+            what = "the model card (README.md)"
+            write_model_card(
+                self.output_dir, self.config, self.metadata, epochs_done, self.result.metrics
+            )
+        except OSError as err:
+            raise CheckpointWriteError(_write_failed(f"writing {what}", err, self.result)) from err
 
 
 class NoSamplesError(RewardError):
@@ -680,6 +694,16 @@ def _stopped_message(err: RewardError, result: TrainResult) -> str:
     return (
         f"{err}; the run stopped in epoch {done + 1} ({where}); fix the reward and continue "
         f"with `ddpo-lite train --resume {result.output_dir}`"
+    )
+
+
+def _write_failed(what: str, err: OSError, result: TrainResult) -> str:
+    """What could not be written and why (disk full...), and how to continue."""
+    last = latest_checkpoint(result.output_dir)
+    kept = f"the last checkpoint, {last.name}, is intact" if last else "no checkpoint was written"
+    return (
+        f"{what} failed: {err.strerror or err}; the run stopped ({kept}); free some space (or fix "
+        f"the folder) and continue with `ddpo-lite train --resume {result.output_dir}`"
     )
 
 

@@ -335,3 +335,57 @@ def test_resume_refuses_user_code_its_config_names_unless_confirmed(tmp_path, ca
     # confirmed: the run goes ahead and the reward runs
     assert main(["train", "--resume", str(run), "--quiet", "--trust-reward-code"]) == 0
     assert marker.read_text() == "imported"
+
+
+@pytest.mark.parametrize("fails", ["checkpoint", "lora"])
+def test_disk_full_stops_in_one_line_and_resume_continues(tmp_path, capsys, monkeypatch, fails):
+    """ENOSPC while saving (the checkpoint's tensors, or the user-facing LoRA) stops the run with
+    one line naming what failed and how to continue; the previous checkpoint is intact, nothing
+    half-written is left, and --resume then finishes the run."""
+    import errno
+
+    import ddpo_lite.checkpoint
+    import ddpo_lite.trainer
+    from ddpo_lite.cli import main
+
+    out = tmp_path / "run"
+    module, name = (
+        (ddpo_lite.checkpoint, "save_file")
+        if fails == "checkpoint"
+        else (
+            ddpo_lite.trainer,
+            "save_lora",
+        )
+    )
+    real, calls = getattr(module, name), []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        # checkpoint: 3 tensor files per save; lora: 1 call per save (the LoRA of epoch 2 fails)
+        if len(calls) > (3 if fails == "checkpoint" else 1):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    sets = [x for s in ["num_epochs=2", *SHORT] for x in ("--set", s)]
+    with monkeypatch.context() as patch:
+        patch.setattr(module, name, full_disk)
+        code = main(["train", "--preset", "tiny", "--output", str(out), "--quiet", *sets])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    what = "the checkpoint of epoch 2" if fails == "checkpoint" else "the LoRA of epoch 2 (lora/)"
+    assert f"writing {what} failed: No space left on device" in err
+    intact = "epoch_0001" if fails == "checkpoint" else "epoch_0002"
+    assert f"the last checkpoint, {intact}, is intact" in err and f"--resume {out}" in err
+    assert [p.name for p in list_checkpoints(out)] == ["epoch_0001", "epoch_0002"][
+        : 1 if fails == "checkpoint" else 2
+    ]
+    assert not list((out / "checkpoints").glob(".*")) and not list(out.glob(".lora-*"))
+    assert _lora(out)  # the LoRA of epoch 1 still loads
+
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert [row["epoch"] for row in _rows(out)] == [1, 2]
+    # lora/ is the last checkpoint's, even where no epoch was left to run (the LoRA failed)
+    assert json.loads((out / "lora" / "ddpo_lite.json").read_text())["epoch"] == 2
+    saved = load_file(latest_checkpoint(out) / "lora" / LORA_WEIGHT_NAME)
+    assert all(torch.equal(saved[k], v) for k, v in _lora(out).items())
