@@ -119,6 +119,8 @@ def test_remote_scores_equal_local_and_health(jpeg_server):
         "reward": "jpeg_compressibility",
         "max_request_bytes": jpeg_server.max_request_bytes,
         "max_batch": jpeg_server.max_batch,
+        "max_concurrent": jpeg_server.max_concurrent,
+        "max_pixels": jpeg_server.pixels.limit,
     }
     rewards, info = RemoteReward(jpeg_server.url)([], [], [])
     assert rewards.shape == (0,) and info == {}
@@ -262,6 +264,14 @@ BAD_REQUESTS = {
     "jpeg not png": (lambda: {"images": [_jpeg()], "prompts": ["a"]}, "is JPEG, not PNG"),
     "truncated png": (lambda: {"images": [_truncated_png()], "prompts": ["a"]}, "decodable PNG"),
     "too many pixels": (lambda: {"images": [_huge_png()], "prompts": ["a"]}, "5000x5000"),
+    "nested too deeply": (lambda: b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    "nested metadata": (
+        lambda: (
+            b'{"images": [], "prompts": [], "metadata": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+        ),
+        "nested too deeply",
+    ),
+    "id not a string": (lambda: {"images": [], "prompts": [], "id": 3}, "'id' must be a string"),
 }
 
 
@@ -278,10 +288,19 @@ def test_bad_request_is_400_and_server_keeps_serving(jpeg_server, case):
 
 def test_wrong_path_method_and_missing_length(jpeg_server):
     assert post(jpeg_server, b"{}", path="/nope")[0] == 404
-    conn = http.client.HTTPConnection(*jpeg_server.server_address[:2], timeout=10)
-    conn.request("GET", "/score")
-    assert conn.getresponse().status == 405
-    conn.close()
+    for method, path, allow in [
+        ("GET", "/score", "POST"),
+        ("PUT", "/score", "POST"),
+        ("DELETE", "/health", "GET"),
+        ("FOO", "/x", "GET, POST"),
+        ("OPTIONS", "/score", "POST"),
+    ]:
+        conn = http.client.HTTPConnection(*jpeg_server.server_address[:2], timeout=10)
+        conn.request(method, path, body=b"{}")
+        response = conn.getresponse()
+        assert (response.status, response.getheader("Allow")) == (405, allow), method
+        assert f"{method} is not allowed here" in json.loads(response.read())["error"]
+        conn.close()
     conn = http.client.HTTPConnection(*jpeg_server.server_address[:2], timeout=10)
     conn.putrequest("POST", "/score")
     conn.endheaders()  # no Content-Length
@@ -594,3 +613,145 @@ def _wait_for_url(log_path: Path, process: subprocess.Popen) -> str:
 
     _wait_for(announced)
     return found[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# slow, greedy and many clients: a deadline per request, bounded memory, a backlog that holds
+
+
+def test_a_client_dripping_its_request_is_cut_off_with_408():
+    """The deadline covers the whole request (headers and body), not each read: a client that
+    sends a byte every 0.3 s (well within the 30 s per-read timeout) is answered 408."""
+    with running("jpeg_compressibility", request_deadline=1.0) as server:
+        for head_only in (True, False):
+            sock = socket.create_connection(server.server_address[:2], timeout=10)
+            started = time.monotonic()
+            request = b"POST /score HTTP/1.1\r\nHost: x\r\n"
+            if not head_only:  # the headers arrive at once, the body drips
+                sock.sendall(request + b"Content-Length: 1000\r\n\r\n")
+                request = b"{" * 1000
+            answer = b""
+            try:
+                for byte in request:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.3)
+                    if time.monotonic() - started > 6:
+                        break
+            except OSError:  # cut off: the server closed its side
+                pass
+            try:
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            except OSError:
+                pass
+            sock.close()
+            assert answer.startswith(b"HTTP/1.0 408"), answer[:80]
+            assert b"did not arrive within 1s" in answer
+            assert time.monotonic() - started < 4
+        assert_scores_like_local(server.url, n=2)  # and it still serves
+
+
+def test_concurrent_requests_are_bounded_and_over_the_limit_get_503(monkeypatch):
+    """At most max_concurrent requests are read, decoded and scored at once; one that finds
+    no slot within the queue wait gets 503 with Retry-After, and the client's retry succeeds."""
+    import ddpo_lite.rewards.server as server_module
+
+    monkeypatch.setattr(server_module, "QUEUE_SECONDS", 0.2)
+    release = threading.Event()
+
+    def slow(images, prompts, metadata):
+        release.wait(10)
+        return np.zeros(len(images)), {}
+
+    body = json.dumps({"images": [_png()], "prompts": ["a"]}).encode()
+    with running(slow, max_concurrent=1) as server:
+        first = threading.Thread(target=post, args=(server, body))
+        first.start()
+        time.sleep(0.3)  # the first request holds the only slot
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+        conn.request("POST", "/score", body=body)
+        response = conn.getresponse()
+        assert response.status == 503 and response.getheader("Retry-After") == "1"
+        assert "busy: 1 requests in progress" in json.loads(response.read())["error"]
+        conn.close()
+        release.set()
+        first.join(10)
+        rewards, _ = RemoteReward(server.url, retries=3, backoff=0.05)(make_images(1), ["a"])
+        assert rewards.tolist() == [0.0]
+
+
+def test_decoded_pixels_are_bounded_per_server():
+    """One request over the server's pixel budget gets 413; requests within it share it (the
+    budget is given back after each, so the server keeps serving)."""
+    with running("jpeg_compressibility", max_pixels=40 * 40) as server:
+        big = Image.new("RGB", (64, 64))
+        body = json.dumps({"images": [encode_image(big)], "prompts": ["a"]}).encode()
+        status, answer = post(server, body)
+        assert status == 413 and "over this server's budget of 1600" in answer["error"]
+        for _ in range(3):
+            assert_scores_like_local(server.url, n=1)  # 24x32 fits, again and again
+        assert server.pixels.used == 0
+
+
+def test_a_hundred_concurrent_clients_are_all_answered():
+    """A bounded loopback load test: 100 clients at once, each one request of 2 small images;
+    every one is answered 200 (no resets: the listen backlog is 256, not 5)."""
+    images = make_images(2)
+    body = json.dumps({"images": [encode_image(im) for im in images], "prompts": ["a", "b"]})
+    outcomes: list = [None] * 100
+    barrier = threading.Barrier(100)
+
+    def client(i):
+        barrier.wait(10)
+        try:
+            outcomes[i] = post(server, body.encode())[0]
+        except Exception as err:  # noqa: BLE001 - recorded and asserted below
+            outcomes[i] = repr(err)
+
+    started = time.monotonic()
+    with running("jpeg_compressibility") as server:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(100)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert outcomes == [200] * 100
+    assert time.monotonic() - started < 20
+
+
+def test_fuzzed_requests_get_an_http_answer_and_never_a_5xx():
+    """Random bodies, shaped like the documented schema or not, are answered (no closed
+    connection) with 200 or a 4xx; never a 5xx (the reward itself is fine)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    png = _png()
+    leaf = st.one_of(
+        st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8)
+    )
+    value = st.recursive(
+        leaf,
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+        ),
+        max_leaves=10,
+    )
+    field = st.one_of(value, st.lists(st.sampled_from([png, "x", ""]), max_size=3))
+    body = st.one_of(
+        st.binary(max_size=200),
+        st.dictionaries(
+            st.sampled_from(["images", "prompts", "metadata", "id", "other"]), field
+        ).map(lambda d: json.dumps(d).encode()),
+    )
+    statuses = []
+    with running("jpeg_compressibility") as server:
+
+        @hypothesis.settings(max_examples=150, deadline=None, database=None)
+        @hypothesis.given(body)
+        def answered(raw):
+            status, answer = post(server, raw)
+            statuses.append(status)
+            assert status == 200 or 400 <= status < 500, (status, answer)
+
+        answered()
+    assert len(statuses) >= 150 and 400 in statuses

@@ -312,7 +312,7 @@ class RemoteReward:
         if isinstance(reason, ConnectionResetError):  # includes http.client.RemoteDisconnected
             return "connection reset"
         if isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError
-            return f"timed out after {timeout:.3g}s"
+            return f"timed out after {round(timeout, 2):g}s"
         if isinstance(reason, socket.gaierror):
             return f"unknown host: {reason}"
         if isinstance(reason, BaseException):
