@@ -10,7 +10,8 @@ completed (not the number of saves), holding:
 - `state.json`: epoch, stat-tracker buffers, optimizer scalars, ddpo-lite version.
 
 It is written into a hidden temporary folder, every file fsynced, then renamed into place: a
-crash mid-write leaves no `epoch_NNNN` folder, so `latest_checkpoint` never finds a partial one.
+crash mid-write leaves no `epoch_NNNN` folder, so `latest_checkpoint` never finds a partial one
+(the next start removes the hidden leftover: `run_files.clean_leftovers`).
 Nothing is unpickled when loading.
 """
 
@@ -46,6 +47,11 @@ class DamagedCheckpointError(CheckpointError):
     """A checkpoint's files are damaged (unreadable, truncated, altered, non-finite): an older
     checkpoint may still be intact. A checkpoint that does not fit the run (another LoRA rank,
     say) is a plain CheckpointError: an older one would not fit either."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint, the LoRA or another run file could not be written (disk full, quota, a
+    read-only folder): the run stops; the checkpoints already written stay intact."""
 
 
 #: The files whose SHA-256 state.json records and resume verifies.

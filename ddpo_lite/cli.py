@@ -45,6 +45,8 @@ def _train(args: argparse.Namespace) -> int:
             raise UsageError("--resume continues the run in its own folder; drop --output")
         config = load_config(str(run_dir / "config.toml"), overrides)
         config.output_dir = str(run_dir)
+        if not args.trust_reward_code:
+            _refuse_recorded_reward_code(run_dir, config, overrides)
     else:
         if args.output:
             overrides.append(f"output_dir={_quote(args.output)}")
@@ -73,6 +75,23 @@ def _train(args: argparse.Namespace) -> int:
         path = export_kohya(result.lora_dir, result.output_dir / "lora_kohya.safetensors")
         _out.print(f"kohya/A1111/ComfyUI LoRA: {path}")
     return 0
+
+
+def _refuse_recorded_reward_code(run_dir: Path, config, overrides: list[str]) -> None:
+    """A run folder is data, maybe someone else's: a user-code reward its config.toml names
+    ('file.py:fn', 'module:fn') is not imported unless the command line names it again (in a
+    --set) or --trust-reward-code confirms it."""
+    from ddpo_lite.rewards.compose import user_code_names
+
+    unnamed = [
+        name for name in user_code_names(config.reward) if not any(name in o for o in overrides)
+    ]
+    if unnamed:
+        raise UsageError(
+            f"--resume {str(run_dir)!r}: its config.toml names Python code as the reward "
+            f"({unnamed[0]!r}), which resuming would run; if you trust that run folder, pass "
+            f"--trust-reward-code (or name the reward again: --set reward.name={_quote(unnamed[0])})"
+        )
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -259,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--quiet", action="store_true", help="no progress bars: one plain line per epoch"
+    )
+    train.add_argument(
+        "--trust-reward-code",
+        action="store_true",
+        help="with --resume: run the user-code reward ('file.py:fn') that the run's config names",
     )
     train.add_argument(
         "--export",

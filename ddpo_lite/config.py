@@ -181,13 +181,17 @@ class RewardConfig:
     url: str = ""
     """Score through a reward server (`ddpo-lite serve-reward`) at this URL instead of in-process."""
     timeout: float = 120.0
-    """Reward server only: seconds to wait for one answer."""
+    """Reward server only: seconds to wait for one batch's rewards in all (every retry and
+    backoff included); a stalled server stops the run within it."""
     retries: int = 3
     """Reward server only: attempts after the first, with exponential backoff, before the run stops."""
     backoff: float = 1.0
     """Reward server only: seconds before the first retry; doubled before each next one."""
     overlap: bool = True
     """Score each sampled batch in a worker thread while the next batch is sampled."""
+    local_timeout: float = 600.0
+    """In-process rewards: seconds one batch's reward call may take before the run stops (a
+    reward that never returns); a reward server's wait is bounded by `timeout`."""
 
 
 @dataclass
@@ -333,6 +337,7 @@ class Config:
             ("advantages.min_count", a.min_count >= 1, "an integer >= 1"),
             ("lora.rank", self.lora.rank >= 1, "an integer >= 1"),
             ("reward.timeout", self.reward.timeout > 0, "a number > 0 (seconds)"),
+            ("reward.local_timeout", self.reward.local_timeout > 0, "a number > 0 (seconds)"),
             ("train.kl_coef", t.kl_coef >= 0, "a number >= 0"),
             ("eval.every", self.eval.every >= 0, "an integer >= 0 (0 = never)"),
             ("eval.num_per_prompt", self.eval.num_per_prompt >= 1, "an integer >= 1"),

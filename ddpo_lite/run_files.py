@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from ddpo_lite import __version__
@@ -106,6 +107,58 @@ def prepare_output(output_dir: Path, resume: bool, overwrite: bool) -> Path | No
             elif path.exists():
                 path.unlink()
     return None
+
+
+#: The folders whose atomic saves (a hidden temporary folder, then a rename) a crash can leave
+#: half done: `.NAME-XXXXXXXX` (being written) and `.NAME-old` (the previous one, mid-swap).
+SWAPPED = ("lora", "best_lora")
+
+
+def clean_leftovers(output_dir: Path, resume: bool) -> None:
+    """Remove what a crash left of the atomic saves: half-written `checkpoints/.epoch_NNNN-*`
+    and `.lora-*` / `.best_lora-*` folders. A kill in the middle of a LoRA swap (`lora/` already
+    moved to `.lora-old`, the new one not yet in place) is repaired on resume by moving the
+    previous LoRA back, said aloud; a new run only removes it. Main process only."""
+    for tmp in (output_dir / CHECKPOINTS).glob(".epoch_*-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name in SWAPPED:
+        final, old = output_dir / name, output_dir / f".{name}-old"
+        if resume and old.is_dir() and not final.exists():
+            os.rename(old, final)
+            warnings.warn(
+                f"{str(final)!r} was missing (a crash while replacing it): restored the previous "
+                f"one from {old.name}; the next save replaces it",
+                stacklevel=2,
+            )
+        for tmp in output_dir.glob(f".{name}-*"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def refresh_lora(output_dir: Path, checkpoint: Path) -> bool:
+    """On resume: put the checkpoint's LoRA in `lora/` when that is missing or older than the
+    checkpoint (a save that failed or was killed between the two), so that `lora/` is the
+    resumed state even when no epoch is left to run. True when it was replaced."""
+    final, saved = output_dir / "lora", checkpoint / "lora"
+    if not (saved / "ddpo_lite.json").is_file():
+        return False
+    wanted = json.loads((saved / "ddpo_lite.json").read_text()).get("epoch")
+    try:
+        current = json.loads((final / "ddpo_lite.json").read_text()).get("epoch")
+    except (OSError, ValueError):
+        current = None
+    if current is not None and wanted is not None and current >= wanted:
+        return False
+    tmp = output_dir / f".lora-from-{checkpoint.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(saved, tmp)
+    old = output_dir / ".lora-old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 def epoch_summary(epoch: int, num_epochs: int, row: dict) -> str:

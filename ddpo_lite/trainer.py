@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,9 @@ from ddpo_lite.advantages import (
 from ddpo_lite.algorithms import rwr_weights
 from ddpo_lite.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     DamagedCheckpointError,
+    checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -70,12 +73,15 @@ from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import attach_lora, save_lora
 from ddpo_lite.models.memory import apply_memory_settings
 from ddpo_lite.policy import Policy
+from ddpo_lite.reward_worker import RewardWorker
 from ddpo_lite.rewards.compose import CheckedReward, RewardError, build_reward
 from ddpo_lite.run_files import (
+    clean_leftovers,
     epoch_summary,
     lora_metadata,
     metrics_before,
     prepare_output,
+    refresh_lora,
     write_model_card,
 )
 from ddpo_lite.samplers.ddim import DDIMSampler
@@ -373,6 +379,8 @@ def train(
     output_dir = Path(config.output_dir)
     checkpoint = prepare_output(output_dir, resume, overwrite)
     accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        clean_leftovers(output_dir, resume)  # a crash's temporary folders, a half-done LoRA swap
     console = Console(soft_wrap=True, markup=False)  # paths and reasons print as text
     enabled = show_progress and accelerator.is_main_process and console.is_terminal
     loading = f"loading the model {config.model.name!r} and the reward"
@@ -386,8 +394,12 @@ def train(
         )
         loop = TrainingLoop(config, accelerator, reward, prompts, eval_groups, output_dir, console)
     first_epoch = loop.restore_intact(checkpoint) if checkpoint is not None else 0
+    if first_epoch and accelerator.is_main_process:  # lora/ older than the checkpoint: its own
+        refresh_lora(output_dir, checkpoint_dir(output_dir, first_epoch))
     loop.start(first_epoch, resumed=resume, from_checkpoint=checkpoint is not None)
-    executor = ThreadPoolExecutor(1, "ddpo-lite-reward") if config.reward.overlap else None
+    # the reward runs in its own thread (overlapping the next batch's sampling with
+    # reward.overlap), so that every wait on it is bounded and Ctrl-C stops the run
+    executor = RewardWorker()
     try:
         with _progress(loop.console, enabled) as progress:
             loop.progress = progress
@@ -405,9 +417,11 @@ def train(
                     break
     except RewardError as err:
         raise RewardError(_stopped_message(err, loop.result)) from err
+    except OSError as err:  # metrics.jsonl, sample grids, best_lora/: disk full, quota, ...
+        what = f"writing {str(err.filename)!r}" if err.filename else "writing the run's files"
+        raise CheckpointWriteError(_write_failed(what, err, loop.result)) from err
     finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(cancel_futures=True)  # never waits for a reward that hangs
         accelerator.end_training()
     return loop.result
 
@@ -690,22 +704,28 @@ class TrainingLoop:
         if not self.is_main:
             return
         metadata = {**self.metadata, "epoch": epochs_done}
-        save_checkpoint(
-            self.output_dir,
-            epochs_done,
-            unet=run.denoiser,
-            optimizer=run.optimizer,
-            tracker_state=self.tracker.state_dict() if self.tracker is not None else None,
-            generator_states=list(states.cpu()),
-            lora_metadata=metadata,
-            keep=self.config.keep_checkpoints,
-            extra={"guard": self.guard.state_dict()},
-            family=run.policy.family,
-        )
-        save_lora(run.denoiser, self.result.lora_dir, metadata, run.policy.family)
-        write_model_card(
-            self.output_dir, self.config, self.metadata, epochs_done, self.result.metrics
-        )
+        what = f"the checkpoint of epoch {epochs_done}"
+        try:  # each is written aside and renamed into place: a failure leaves the last intact
+            save_checkpoint(
+                self.output_dir,
+                epochs_done,
+                unet=run.denoiser,
+                optimizer=run.optimizer,
+                tracker_state=self.tracker.state_dict() if self.tracker is not None else None,
+                generator_states=list(states.cpu()),
+                lora_metadata=metadata,
+                keep=self.config.keep_checkpoints,
+                extra={"guard": self.guard.state_dict()},
+                family=run.policy.family,
+            )
+            what = f"the LoRA of epoch {epochs_done} ({self.result.lora_dir.name}/)"
+            save_lora(run.denoiser, self.result.lora_dir, metadata, run.policy.family)
+            what = "the model card (README.md)"
+            write_model_card(
+                self.output_dir, self.config, self.metadata, epochs_done, self.result.metrics
+            )
+        except OSError as err:
+            raise CheckpointWriteError(_write_failed(f"writing {what}", err, self.result)) from err
 
 
 class NoSamplesError(RewardError):
@@ -720,6 +740,16 @@ def _stopped_message(err: RewardError, result: TrainResult) -> str:
     return (
         f"{err}; the run stopped in epoch {done + 1} ({where}); fix the reward and continue "
         f"with `ddpo-lite train --resume {result.output_dir}`"
+    )
+
+
+def _write_failed(what: str, err: OSError, result: TrainResult) -> str:
+    """What could not be written and why (disk full...), and how to continue."""
+    last = latest_checkpoint(result.output_dir)
+    kept = f"the last checkpoint, {last.name}, is intact" if last else "no checkpoint was written"
+    return (
+        f"{what} failed: {err.strerror or err}; the run stopped ({kept}); free some space (or fix "
+        f"the folder) and continue with `ddpo-lite train --resume {result.output_dir}`"
     )
 
 
@@ -743,12 +773,13 @@ def sample_epoch(
     accelerator: Accelerator,
     reward,
     advance: Callable[[], None] = lambda: None,
-    executor: ThreadPoolExecutor | None = None,
+    executor: RewardWorker | ThreadPoolExecutor | None = None,
 ) -> EpochSamples:
     """`sample.num_batches_per_epoch` rollouts of uniformly drawn prompts, each batch scored by
-    `reward`. With an `executor`, batch k is scored in its worker while batch k+1 is sampled (as
-    the paper's implementation does); rewards are collected in submission order, so each lands
-    with its own samples."""
+    `reward`. With an `executor` and `reward.overlap`, batch k is scored in its worker while
+    batch k+1 is sampled (as the paper's implementation does); rewards are collected in
+    submission order, so each lands with its own samples. Each wait for a batch's rewards is
+    bounded by `reward.local_timeout` (in-process rewards; a server's by `reward.timeout`)."""
     images, texts, parts, pending = [], [], [], []
     chain = None  # the epoch's chains, filled batch by batch: no end-of-epoch copy
     num_batches, batch_size = config.sample.num_batches_per_epoch, config.sample.batch_size
@@ -771,6 +802,8 @@ def sample_epoch(
         metadata = [{} for _ in batch_images]
         if executor is not None:
             pending.append(executor.submit(reward, batch_images, batch_texts, metadata))
+            if not config.reward.overlap:  # scored before the next batch samples
+                pending[-1] = _reward_result(pending[-1], reward, config)
         else:
             pending.append(reward(batch_images, batch_texts, metadata))
         if chain is None:
@@ -783,7 +816,7 @@ def sample_epoch(
         parts.append(trajectory)
         advance()
     waited_from = time.perf_counter()
-    scores = [item.result() if isinstance(item, Future) else item for item in pending]
+    scores = [_reward_result(item, reward, config) for item in pending]
     wait = time.perf_counter() - waited_from
     rewards = np.concatenate([values for values, _ in scores])
     return EpochSamples(images, texts, Trajectory.cat(parts, chain), rewards, wait)
@@ -796,6 +829,22 @@ def sde_window(sample, generator: torch.Generator) -> range | None:
         return None
     start = int(torch.randint(sample.sde_window_range, (1,), generator=generator))
     return range(start, start + sample.sde_window_size)
+
+
+def _reward_result(item, reward, config: Config):
+    """A batch's (rewards, info): `item` itself, or its Future's result, waited for at most
+    `reward.local_timeout` seconds (a reward server's wait is bounded by its client)."""
+    if not isinstance(item, Future):
+        return item
+    timeout = None if config.reward.url else config.reward.local_timeout
+    try:
+        return item.result(timeout=timeout)
+    except FutureTimeout:
+        name = getattr(reward, "name", None) or getattr(reward, "__name__", "the reward")
+        raise RewardError(
+            f"reward {name!r} did not return within reward.local_timeout = {timeout:g}s for one "
+            "batch (hung? if it is only slow, raise reward.local_timeout)"
+        ) from None
 
 
 @dataclass

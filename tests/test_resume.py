@@ -250,3 +250,142 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, c
     assert code == 2
     err = capsys.readouterr().err
     assert "no intact checkpoint" in err and "Traceback" not in err
+
+
+def test_leftovers_of_a_crash_are_cleaned_and_a_half_done_lora_swap_repaired(tmp_path):
+    """A kill mid-save leaves hidden temporary folders (checkpoints/.epoch_NNNN-*, .lora-*); a
+    kill mid-swap leaves no lora/ but the previous one in .lora-old. The next start removes the
+    temporaries and, on resume, puts the previous LoRA back."""
+    out = tmp_path / "run"
+    train(tiny_config(tmp_path, "num_epochs=1", *SHORT), show_progress=False)
+    saved = _lora(out)
+    half_checkpoint = out / "checkpoints" / ".epoch_0002-k3j4h5"
+    half_lora = out / ".lora-a1b2c3"
+    half_best = out / ".best_lora-x9y8z7"
+    for folder in (half_checkpoint, half_lora, half_best):
+        folder.mkdir()
+        (folder / "adapter.safetensors").write_bytes(b"half written")
+    os.rename(out / "lora", out / ".lora-old")  # killed between the swap's two renames
+
+    with pytest.warns(UserWarning, match="restored the previous one from .lora-old"):
+        train(tiny_config(tmp_path, "num_epochs=1", *SHORT), resume=True, show_progress=False)
+    assert not any(p.exists() for p in (half_checkpoint, half_lora, half_best))
+    assert not (out / ".lora-old").exists()
+    restored = _lora(out)
+    assert restored.keys() == saved.keys()
+    assert all(torch.equal(restored[k], saved[k]) for k in saved)
+
+    # a new run over the folder (--overwrite) removes the leftovers too, and restores nothing
+    (out / ".lora-old").mkdir()
+    (out / "checkpoints").mkdir(exist_ok=True)
+    half_checkpoint.mkdir()
+    train(tiny_config(tmp_path, "num_epochs=1", *SHORT), overwrite=True, show_progress=False)
+    assert not (out / ".lora-old").exists() and not half_checkpoint.exists()
+
+
+def test_resume_refuses_user_code_its_config_names_unless_confirmed(tmp_path, capsys, monkeypatch):
+    """A run folder may come from someone else: `--resume DIR` whose config.toml names a
+    'file.py:fn' reward says so in one line and imports nothing, unless --trust-reward-code is
+    given or the command line names that reward again."""
+    import ddpo_lite.trainer
+    from ddpo_lite.cli import main
+    from ddpo_lite.config import to_toml
+
+    marker = tmp_path / "ran.txt"
+    code = tmp_path / "evil.py"
+    code.write_text(
+        "import pathlib\n"
+        "import numpy as np\n"
+        f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
+        "def score(images, prompts, metadata):\n"
+        "    return np.zeros(len(images)), {}\n"
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = f"{code}:score"
+    config = tiny_config(tmp_path, "num_epochs=1", *SHORT, f'reward.name="{spec}"')
+    (run / "config.toml").write_text(to_toml(config))
+
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "names Python code as the reward" in err and "--trust-reward-code" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not marker.exists()
+    # weights name code too
+    (run / "config.toml").write_text(
+        to_toml(config).replace("weights = {}", f'weights = {{"{spec}" = 1.0}}')
+    )
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "names Python code" in capsys.readouterr().err and not marker.exists()
+    (run / "config.toml").write_text(to_toml(config))
+
+    # named again on the command line: no refusal (train itself stubbed out here)
+    called = []
+
+    def fake_train(config, **kwargs):
+        called.append(config.reward.name)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ddpo_lite.trainer, "train", fake_train)
+        args = ["train", "--resume", str(run), "--quiet", "--set", f"reward.name={spec}"]
+        assert main(args) == 130
+    assert called == [spec]
+
+    # confirmed: the run goes ahead and the reward runs
+    assert main(["train", "--resume", str(run), "--quiet", "--trust-reward-code"]) == 0
+    assert marker.read_text() == "imported"
+
+
+@pytest.mark.parametrize("fails", ["checkpoint", "lora"])
+def test_disk_full_stops_in_one_line_and_resume_continues(tmp_path, capsys, monkeypatch, fails):
+    """ENOSPC while saving (the checkpoint's tensors, or the user-facing LoRA) stops the run with
+    one line naming what failed and how to continue; the previous checkpoint is intact, nothing
+    half-written is left, and --resume then finishes the run."""
+    import errno
+
+    import ddpo_lite.checkpoint
+    import ddpo_lite.trainer
+    from ddpo_lite.cli import main
+
+    out = tmp_path / "run"
+    module, name = (
+        (ddpo_lite.checkpoint, "save_file")
+        if fails == "checkpoint"
+        else (
+            ddpo_lite.trainer,
+            "save_lora",
+        )
+    )
+    real, calls = getattr(module, name), []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        # checkpoint: 3 tensor files per save; lora: 1 call per save (the LoRA of epoch 2 fails)
+        if len(calls) > (3 if fails == "checkpoint" else 1):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    sets = [x for s in ["num_epochs=2", *SHORT] for x in ("--set", s)]
+    with monkeypatch.context() as patch:
+        patch.setattr(module, name, full_disk)
+        code = main(["train", "--preset", "tiny", "--output", str(out), "--quiet", *sets])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    what = "the checkpoint of epoch 2" if fails == "checkpoint" else "the LoRA of epoch 2 (lora/)"
+    assert f"writing {what} failed: No space left on device" in err
+    intact = "epoch_0001" if fails == "checkpoint" else "epoch_0002"
+    assert f"the last checkpoint, {intact}, is intact" in err and f"--resume {out}" in err
+    assert [p.name for p in list_checkpoints(out)] == ["epoch_0001", "epoch_0002"][
+        : 1 if fails == "checkpoint" else 2
+    ]
+    assert not list((out / "checkpoints").glob(".*")) and not list(out.glob(".lora-*"))
+    assert _lora(out)  # the LoRA of epoch 1 still loads
+
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert [row["epoch"] for row in _rows(out)] == [1, 2]
+    # lora/ is the last checkpoint's, even where no epoch was left to run (the LoRA failed)
+    assert json.loads((out / "lora" / "ddpo_lite.json").read_text())["epoch"] == 2
+    saved = load_file(latest_checkpoint(out) / "lora" / LORA_WEIGHT_NAME)
+    assert all(torch.equal(saved[k], v) for k, v in _lora(out).items())

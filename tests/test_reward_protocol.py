@@ -145,3 +145,146 @@ def test_rewards_overlap_sampling_and_land_with_their_samples(tmp_path):
     ]
     np.testing.assert_allclose(result.rewards, expected)
     assert len(result.rewards) == len(result.trajectory) == 12
+
+
+def _checked(values):
+    from ddpo_lite.rewards.compose import CheckedReward
+
+    return CheckedReward(lambda images, prompts, metadata: (values, {}), "mine")(
+        _images(2), ["a", "b"], [{}, {}]
+    )
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (np.array([True, False]), "booleans, not numbers"),
+        ([True, 0.5], "booleans, not numbers"),
+        (torch.tensor([True, False]), "a bool tensor"),
+        (["0.5", "1"], "strings such as '0.5', not numbers"),
+        ([0.5, "1"], "strings such as '1', not numbers"),
+        (np.array([1j, 2j]), "complex numbers"),
+    ],
+    ids=["bool-array", "bool-in-list", "bool-tensor", "strings", "a-string", "complex"],
+)
+def test_rewards_must_be_numbers(values, message):
+    """Booleans and strings are refused in one line, not read as 1.0/0.0 or parsed."""
+    with pytest.raises(RewardError, match=f"reward 'mine' returned non-numeric rewards: {message}"):
+        _checked(values)
+
+
+def test_rewards_with_gradients_are_detached():
+    """A reward computed with autograd (or a list of 0-d tensors) is read as plain numbers."""
+    weights = torch.tensor([1.0, 2.0], requires_grad=True)
+    rewards, _ = _checked(weights * 3)
+    assert rewards.dtype == np.float64 and rewards.tolist() == [3.0, 6.0]
+    rewards, _ = _checked([weights[0] * 1, weights[1].to(torch.bfloat16)])
+    assert rewards.tolist() == [1.0, 2.0]
+    rewards, _ = _checked([np.float32(0.5), None])  # None is NaN, as before
+    assert rewards[0] == 0.5 and np.isnan(rewards[1])
+
+
+def test_weighted_parts_are_checked_each_by_name():
+    from ddpo_lite.rewards.compose import CheckedReward, WeightedSum
+
+    def flags(images, prompts, metadata):
+        return np.ones(len(images), dtype=bool), {}
+
+    reward = build_reward(load_config("tiny", ["reward.weights={jpeg_compressibility=1.0}"]).reward)
+    name, weight, part = reward.reward.parts[0]
+    assert isinstance(part, CheckedReward) and part.name == "jpeg_compressibility"
+    summed = CheckedReward(WeightedSum([("flags", 1.0, CheckedReward(flags, "flags"))]), "sum")
+    with pytest.raises(RewardError, match="reward 'flags' returned non-numeric rewards: booleans"):
+        summed(_images(2), ["a", "b"], [{}, {}])
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_sys_exit_in_a_reward_is_one_line_and_ctrl_c_stops_the_run(tmp_path, overlap):
+    """SystemExit raised in the reward (in its worker thread or not) stops the run with the
+    one-line RewardError; KeyboardInterrupt goes through as the stop it is."""
+    overrides = ["sample.num_steps=2", "sample.num_batches_per_epoch=1", "log_with=[]"]
+    config = tiny_config(
+        tmp_path, "num_epochs=1", f"reward.overlap={str(overlap).lower()}", *overrides
+    )
+
+    def exits(images, prompts, metadata):
+        raise SystemExit(3)
+
+    with pytest.raises(RewardError, match="reward 'exits' raised SystemExit: 3") as err:
+        train(config, reward_fn=exits, show_progress=False)
+    assert "stopped in epoch 1" in str(err.value)
+
+    def interrupted(images, prompts, metadata):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, reward_fn=interrupted, show_progress=False, overwrite=True)
+
+
+def _hanging_reward(started: threading.Event, release: threading.Event, safety: float = 8.0):
+    """A reward that never returns (until `release`, set by the test or after `safety` s)."""
+
+    def hangs(images, prompts, metadata):
+        started.set()
+        release.wait(safety)
+        return np.zeros(len(images)), {}
+
+    return hangs
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_reward_that_never_returns_stops_the_run(tmp_path, overlap):
+    """reward.local_timeout bounds one batch's in-process reward call: the run stops in one
+    line instead of hanging, and does not wait for the hung call to end."""
+    overrides = ["sample.num_steps=2", "sample.num_batches_per_epoch=2", "log_with=[]"]
+    config = tiny_config(
+        tmp_path,
+        "num_epochs=1",
+        "reward.local_timeout=1.5",
+        f"reward.overlap={str(overlap).lower()}",
+        *overrides,
+    )
+    started, release = threading.Event(), threading.Event()
+    begun = time.monotonic()
+    try:
+        with pytest.raises(RewardError) as err:
+            train(config, reward_fn=_hanging_reward(started, release), show_progress=False)
+        elapsed = time.monotonic() - begun
+    finally:
+        release.set()
+    message = str(err.value)
+    assert "reward 'hangs' did not return within reward.local_timeout = 1.5s" in message
+    assert "stopped in epoch 1" in message and "--resume" in message
+    assert elapsed < 7.5  # the safety release (8 s) would let it finish instead
+
+
+def test_ctrl_c_while_waiting_on_the_reward_stops_within_seconds(tmp_path):
+    """Ctrl-C while the trainer waits for a reward that hangs stops the run at once: it never
+    waits for the reward thread to finish."""
+    import signal
+
+    config = tiny_config(
+        tmp_path,
+        "num_epochs=1",
+        "sample.num_steps=2",
+        "sample.num_batches_per_epoch=1",
+        "log_with=[]",
+    )
+    started, release = threading.Event(), threading.Event()
+    main_thread = threading.main_thread().ident
+    sent = []
+
+    def press_ctrl_c():
+        if started.wait(60):
+            time.sleep(0.3)  # the trainer is waiting on the reward by now
+            sent.append(time.monotonic())
+            signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(config, reward_fn=_hanging_reward(started, release, 6.0), show_progress=False)
+        stopped = time.monotonic()
+    finally:
+        release.set()
+    assert sent and stopped - sent[0] < 3  # the old shutdown(wait=True) waited out the 6 s

@@ -6,8 +6,10 @@ shared; the trainer calls it like any local reward. The server is `ddpo_lite.rew
 
 Wire protocol (JSON over HTTP; images as base64 PNG, never pickle):
 
-    POST {url}/score   {"images": [b64 PNG, ...], "prompts": [str, ...], "metadata": [{...}, ...]}
-                    -> {"rewards": [float | null, ...], "info": {name: [value, ...] | value}}
+    POST {url}/score   {"images": [b64 PNG, ...], "prompts": [str, ...], "metadata": [{...}, ...],
+                        "id": str}
+                    -> {"rewards": [float | null, ...], "info": {name: [value, ...] | value},
+                        "id": the request's id}
     GET  {url}/health -> {"status": "ok", "reward": name, ...}
 
     Non-finite floats travel as JSON null (strict JSON has no NaN) and come back as NaN, so the
@@ -20,9 +22,13 @@ How to use:
     rewards, info = reward(images, prompts, metadata)   # rewards: np.ndarray (B,), float64
 
 Failure policy: connection errors, timeouts and 5xx answers are retried `retries` times with
-exponential backoff (backoff, 2*backoff, 4*backoff, ... seconds between attempts); a 4xx answer
-(our request was wrong) or a malformed answer raises at once. Either way the error is a
-`RewardServerError` whose one-line message names the server and what happened.
+exponential backoff (backoff, 2*backoff, 4*backoff, ... seconds between attempts), all within one
+`timeout` budget per call (one batch: every request, retry and backoff of it), so a stalled
+server stops the run within `timeout` seconds, not attempts x timeout. A 4xx answer (our request
+was wrong), a redirect (never followed: a 302 would turn the POST into a GET without images) or
+an answer that is not exactly what was asked (rewards that are not JSON numbers or null, another
+length, another request's id) raises at once. Either way the error is a `RewardServerError` whose
+one-line message names the server and what happened.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ import io
 import json
 import math
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Sequence
 from time import sleep
 from typing import Any
@@ -50,6 +58,16 @@ class RewardServerError(RuntimeError):
 
 class _Retryable(Exception):
     """One attempt failed in a way a retry may fix (connection, timeout, 5xx)."""
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer stays an HTTPError: urllib would follow it, a POST becoming a GET."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +123,8 @@ class RemoteReward:
 
     Args:
         url: the server's base URL, e.g. "http://127.0.0.1:8123".
-        timeout: seconds one HTTP request may take (connect + scoring + answer).
+        timeout: seconds one call may take in all: every request, retry and backoff sleep
+            of one batch (connect + scoring + answer).
         retries: extra attempts after a connection error, timeout or 5xx answer.
         backoff: seconds before the first retry; doubled before each next one.
         batch_size: at most this many images per request (a big batch is sent in order as
@@ -153,10 +172,11 @@ class RemoteReward:
             )
         rewards: list[np.ndarray] = []
         infos: list[dict[str, Any]] = []
+        deadline = time.monotonic() + self.timeout  # one budget for the whole batch
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size
             chunk_rewards, chunk_info = self._score(
-                images[start:stop], prompts[start:stop], metadata[start:stop]
+                images[start:stop], prompts[start:stop], metadata[start:stop], deadline
             )
             rewards.append(chunk_rewards)
             infos.append(chunk_info)
@@ -166,32 +186,47 @@ class RemoteReward:
 
     def health(self) -> dict[str, Any]:
         """The server's GET /health answer, with the same retries as scoring."""
-        answer = self._request("GET", "/health", None)
+        answer = self._request("GET", "/health", None, time.monotonic() + self.timeout)
         if not isinstance(answer, dict) or answer.get("status") != "ok":
             raise RewardServerError(f"reward server {self.url} is not healthy: {answer!r}")
         return answer
 
     # -- one request ---------------------------------------------------------------------------
 
-    def _score(self, images, prompts, metadata) -> tuple[np.ndarray, dict[str, Any]]:
+    def _score(
+        self, images, prompts, metadata, deadline: float
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        request_id = uuid.uuid4().hex
         body = {
             "images": [encode_image(image) for image in images],
             "prompts": [str(p) for p in prompts],
             "metadata": [to_jsonable(dict(m)) for m in metadata],
+            "id": request_id,
         }
-        answer = self._request("POST", "/score", json.dumps(body, allow_nan=False).encode())
-        raw = answer.get("rewards") if isinstance(answer, dict) else None
+        payload = json.dumps(body, allow_nan=False).encode()
+        answer = self._request("POST", "/score", payload, deadline)
+        if not isinstance(answer, dict):
+            raise RewardServerError(
+                f"reward server {self.url} answered {str(answer)[:200]!r}, not a JSON object"
+            )
+        if answer.get("id") != request_id:
+            raise RewardServerError(
+                f"reward server {self.url} answered with request id {answer.get('id')!r}, not "
+                f"{request_id!r}: an answer to another request (a proxy or cache in between?)"
+            )
+        raw = answer.get("rewards")
         if not isinstance(raw, list) or len(raw) != len(images):
             got = f"{len(raw)} rewards" if isinstance(raw, list) else f"{str(answer)[:200]!r}"
             raise RewardServerError(
                 f"reward server {self.url} answered {got} for {len(images)} images"
             )
-        try:
-            rewards = np.array([math.nan if r is None else float(r) for r in raw], np.float64)
-        except (TypeError, ValueError) as err:
+        wrong = [r for r in raw if not _is_number_or_null(r)]
+        if wrong:
             raise RewardServerError(
-                f"reward server {self.url} answered non-numeric rewards: {err}"
-            ) from err
+                f"reward server {self.url} answered {len(wrong)} reward(s) that are not JSON "
+                f"numbers, such as {wrong[0]!r} ({type(wrong[0]).__name__})"
+            )
+        rewards = np.array([math.nan if r is None else float(r) for r in raw], np.float64)
         info = answer.get("info") or {}
         if not isinstance(info, dict):
             raise RewardServerError(f"reward server {self.url} answered info that is not a dict")
@@ -201,23 +236,39 @@ class RemoteReward:
         }
         return rewards, info
 
-    def _request(self, method: str, path: str, body: bytes | None) -> Any:
-        """One request with retries; the decoded JSON answer."""
-        attempts = self.retries + 1
+    def _request(self, method: str, path: str, body: bytes | None, deadline: float) -> Any:
+        """One request with retries, all before `deadline` (time.monotonic()); the decoded
+        JSON answer."""
+        attempts, made, out_of_time = self.retries + 1, 0, False
+        reason = "no time left"
         for attempt in range(attempts):
             if attempt:
-                sleep(self.backoff * 2 ** (attempt - 1))
+                pause = self.backoff * 2 ** (attempt - 1)
+                if time.monotonic() + pause >= deadline:
+                    out_of_time = True
+                    break
+                sleep(pause)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                out_of_time = True
+                break
+            made += 1
             try:
-                return self._attempt(method, path, body)
+                return self._attempt(method, path, body, remaining, deadline)
             except _Retryable as err:
                 reason = str(err)
         verb = "failed" if reason.startswith("HTTP") else "did not answer"
-        raise RewardServerError(
-            f"reward server {self.url} {verb} after {attempts} attempt"
-            f"{'s' if attempts > 1 else ''} ({reason})"
-        )
+        tries = f"{made} attempt{'s' if made != 1 else ''}"
+        if out_of_time:
+            raise RewardServerError(
+                f"reward server {self.url} {verb} within reward.timeout = {self.timeout:g}s "
+                f"for the batch ({tries}; {reason})"
+            )
+        raise RewardServerError(f"reward server {self.url} {verb} after {tries} ({reason})")
 
-    def _attempt(self, method: str, path: str, body: bytes | None) -> Any:
+    def _attempt(
+        self, method: str, path: str, body: bytes | None, timeout: float, deadline: float
+    ) -> Any:
         request = urllib.request.Request(
             self.url + path,
             data=body,
@@ -225,9 +276,16 @@ class RemoteReward:
             headers={"Content-Type": "application/json", "Accept": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = response.read()
+            with _opener.open(request, timeout=timeout) as response:
+                payload = _read_before(response, deadline)
         except urllib.error.HTTPError as err:
+            if 300 <= err.code < 400:
+                where = err.headers.get("Location", "") if err.headers else ""
+                raise RewardServerError(
+                    f"reward server {self.url} answered a redirect (HTTP {err.code}"
+                    f"{f' to {where}' if where else ''}), which ddpo-lite does not follow: set "
+                    "reward.url to the server's own address"
+                ) from err
             message = _error_message(err)
             if err.code >= 500:
                 raise _Retryable(f"HTTP {err.code}: {message}") from err
@@ -235,9 +293,9 @@ class RemoteReward:
                 f"reward server {self.url} refused the request (HTTP {err.code}: {message})"
             ) from err
         except urllib.error.URLError as err:  # while connecting or sending
-            raise _Retryable(self._describe(err.reason)) from err
+            raise _Retryable(self._describe(err.reason, timeout)) from err
         except OSError as err:  # while waiting for or reading the answer: timeout, reset, ...
-            raise _Retryable(self._describe(err)) from err
+            raise _Retryable(self._describe(err, timeout)) from err
         except http.client.HTTPException as err:  # a half-written answer (server died mid-way)
             raise _Retryable(f"broken answer: {type(err).__name__}: {err}") from err
         try:
@@ -247,19 +305,40 @@ class RemoteReward:
                 f"reward server {self.url} answered something that is not JSON: {payload[:100]!r}"
             ) from err
 
-    def _describe(self, reason: object) -> str:
+    def _describe(self, reason: object, timeout: float) -> str:
         """A short phrase for a socket-level failure: 'connection refused', 'timed out', ..."""
         if isinstance(reason, ConnectionRefusedError):
             return "connection refused"
         if isinstance(reason, ConnectionResetError):  # includes http.client.RemoteDisconnected
             return "connection reset"
         if isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError
-            return f"timed out after {self.timeout:g}s"
+            return f"timed out after {round(timeout, 2):g}s"
         if isinstance(reason, socket.gaierror):
             return f"unknown host: {reason}"
         if isinstance(reason, BaseException):
             return f"{type(reason).__name__}: {reason}"
         return str(reason)
+
+
+def _read_before(response, deadline: float) -> bytes:
+    """The answer's body, read in pieces, each read bounded by the socket timeout; a server
+    that drips its answer past `deadline` is cut off (TimeoutError, as a socket timeout)."""
+    parts = []
+    while chunk := response.read(1 << 16):
+        parts.append(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer was still arriving at the deadline")
+    body = b"".join(parts)
+    expected = response.headers.get("Content-Length")
+    if expected is not None and expected.isdigit() and len(body) < int(expected):
+        # read(n) ends quietly where read() raises: the server went away mid-answer
+        raise http.client.IncompleteRead(body, int(expected) - len(body))
+    return body
+
+
+def _is_number_or_null(value: Any) -> bool:
+    """A JSON number (not a boolean: json gives True for `true`) or null."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def _error_message(err: urllib.error.HTTPError) -> str:

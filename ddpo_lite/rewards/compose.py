@@ -40,17 +40,18 @@ class CheckedReward:
             out = self.reward(images, prompts, metadata)
         except RewardError:
             raise
-        except Exception as err:
+        except (Exception, SystemExit) as err:  # sys.exit() in a reward stops the run, in a line
             first = str(err).splitlines()[0] if str(err) else ""
             raise RewardError(f"reward {self.name!r} raised {type(err).__name__}: {first}") from err
+        # KeyboardInterrupt passes through: Ctrl-C stops the run, whichever thread it reached
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
             raise RewardError(
                 f"reward {self.name!r} must return (rewards, info dict), got {type(out).__name__}"
             )
         raw, info = out
         try:
-            rewards = np.asarray(raw, dtype=np.float64)
-        except (TypeError, ValueError) as err:
+            rewards = as_reward_values(raw)
+        except (TypeError, ValueError, RuntimeError) as err:
             raise RewardError(f"reward {self.name!r} returned non-numeric rewards: {err}") from err
         if rewards.shape != (len(images),):
             raise RewardError(
@@ -58,6 +59,32 @@ class CheckedReward:
                 f"expected ({len(images)},)"
             )
         return rewards, info
+
+
+def as_reward_values(raw: Any) -> np.ndarray:
+    """Rewards as a float64 array: numbers only. A torch tensor is detached (a reward computed
+    with gradients, or on a GPU, is fine); booleans and strings are refused (TypeError), not
+    read as 1.0/0.0 or parsed: a reward returning `score > 0.5` or "0.7" is a bug to hear of."""
+    if hasattr(raw, "detach"):  # a torch tensor
+        if str(raw.dtype) == "torch.bool":
+            raise TypeError("a bool tensor: return numbers (e.g. scores.float())")
+        raw = raw.detach().cpu().double().numpy()
+    elif isinstance(raw, list | tuple):
+        raw = [v.detach().cpu().double().item() if hasattr(v, "detach") else v for v in raw]
+    values = np.asarray(raw)
+    items = values.ravel().tolist() if values.dtype.kind == "O" else []
+    if isinstance(raw, list | tuple):
+        items = raw
+    bad = next((v for v in items if isinstance(v, bool | np.bool_ | str | bytes)), None)
+    if values.dtype.kind == "b" or isinstance(bad, bool | np.bool_):
+        raise TypeError("booleans, not numbers: return float scores (e.g. 1.0 and 0.0)")
+    if values.dtype.kind == "c":
+        raise TypeError("complex numbers, not real ones")
+    if values.dtype.kind in "USV" or bad is not None:
+        raise TypeError(
+            f"strings such as {bad if bad is not None else values.flat[0]!r}, not numbers"
+        )
+    return np.asarray(values, dtype=np.float64)
 
 
 class WeightedSum:
@@ -104,8 +131,22 @@ def load_user_reward(spec: str) -> Callable:
     return function
 
 
+def is_user_code(name: str) -> bool:
+    """'module:function' or 'file.py:function': Python that building the reward imports."""
+    return ":" in name and not name.startswith(("http://", "https://"))
+
+
+def user_code_names(reward_config) -> list[str]:
+    """The user-code rewards `build_reward` would import for this `[reward]` section (none for a
+    reward server: its URL takes precedence)."""
+    if reward_config.url:
+        return []
+    names = list(reward_config.weights) if reward_config.weights else [reward_config.name]
+    return [name for name in names if is_user_code(name)]
+
+
 def _one(name: str, options: dict[str, Any], models: dict[str, str]) -> Reward:
-    if ":" in name and not name.startswith(("http://", "https://")):
+    if is_user_code(name):
         return load_user_reward(name)
     return get_reward(name, model=models.get(name), **options)
 
@@ -125,7 +166,7 @@ def build_reward(reward_config, *, device: str = "cpu", offload: bool = False) -
     options = {"device": device, "offload": offload}
     if reward_config.weights:
         parts = [
-            (name, float(weight), _one(name, options, reward_config.models))
+            (name, float(weight), CheckedReward(_one(name, options, reward_config.models), name))
             for name, weight in reward_config.weights.items()
         ]
         label = " + ".join(f"{w:g}*{n}" for n, w in reward_config.weights.items())

@@ -4,17 +4,30 @@ Why: a big reward model can live on another GPU or machine than the trainer, and
 can share it. The protocol is JSON with base64 PNG images; nothing is ever unpickled, so a
 request can only ever be data (the DDPO paper's LLaVA server unpickles its requests: not ours).
 
-    POST /score   {"images": [b64 PNG, ...], "prompts": [str, ...], "metadata": [{...}, ...]}
-               -> 200 {"rewards": [float | null, ...], "info": {name: [per-sample] | scalar}}
-    GET  /health -> 200 {"status": "ok", "reward": NAME, "max_request_bytes": N, "max_batch": M}
+    POST /score   {"images": [b64 PNG, ...], "prompts": [str, ...], "metadata": [{...}, ...],
+                   "id": str}
+               -> 200 {"rewards": [float | null, ...], "info": {name: [per-sample] | scalar},
+                       "id": the request's id}
+    GET  /health -> 200 {"status": "ok", "reward": NAME, "max_request_bytes": N, "max_batch": M,
+                         "max_concurrent": C, "max_pixels": P}
 
-`metadata` may be left out (one empty dict per image); any other field is an error. Non-finite
+`metadata` may be left out (one empty dict per image), and `id` (a string of at most 200
+characters, echoed back so that the client can tell its answer); any other field is an error. Non-finite
 floats are sent as null (strict JSON has no NaN); `RemoteReward` reads them back as NaN.
-Errors answer {"error": message}: 400 a malformed request (bad JSON, wrong or missing fields,
-lengths that disagree, an image that is not a decodable PNG or is too large), 411 no
-Content-Length, 413 a body over `max_request_bytes` (checked before reading it), 404/405 wrong
-path or method, 500 the reward raised or returned the wrong shape. The server keeps serving
-after every error.
+Errors answer {"error": message}: 400 a malformed request (bad JSON, JSON nested too deeply,
+wrong or missing fields, lengths that disagree, an image that is not a decodable PNG or is too
+large), 404 a wrong path, 405 a wrong method (with an `Allow` header), 408 a request not read
+within `request_deadline` seconds (headers and body, whatever the pace: a client dripping bytes
+is cut off), 411 no Content-Length, 413 a body over `max_request_bytes` (checked before reading
+it) or images over the server's pixel budget, 503 (with `Retry-After`) when `max_concurrent`
+requests are already being read, decoded and scored or the pixel budget is taken, 500 the reward
+raised or returned the wrong shape. The server keeps serving after every error.
+
+Memory is bounded per server, not per request: at most `max_concurrent` requests (default
+DEFAULT_MAX_CONCURRENT) hold a body at once, and their decoded images together hold at most
+`max_pixels` pixels (default DEFAULT_MAX_PIXELS = 2**28, e.g. 16 images of 4096x4096: ~0.8 GB as
+RGB); a request that waits more than QUEUE_SECONDS for either gets 503. Connections beyond the
+workers wait in a listen backlog of REQUEST_QUEUE_SIZE.
 
 A request is scored in chunks of at most `max_batch` images, in order, one chunk at a time
 under a lock (the reward is typically one model on one GPU); decoding runs outside the lock.
@@ -36,6 +49,7 @@ import binascii
 import io
 import json
 import logging
+import socket
 import socketserver
 import sys
 import threading
@@ -48,6 +62,7 @@ import numpy as np
 from PIL import Image
 
 from ddpo_lite.rewards.client import merge_infos, to_jsonable
+from ddpo_lite.rewards.compose import as_reward_values
 from ddpo_lite.rewards.registry import Reward, UnknownRewardError, get_reward
 
 log = logging.getLogger("ddpo_lite.reward_server")
@@ -57,7 +72,13 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20  # 64 MiB: ~100 SD-1.5 images at 512x512 
 DEFAULT_MAX_BATCH = 16
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image; a PNG's header is checked before it is decoded
 MAX_REQUEST_PIXELS = 2**28  # per request (~0.8 GB as RGB): bounds what decoding can allocate
-_FIELDS = ("images", "prompts", "metadata")
+DEFAULT_MAX_PIXELS = 2**28  # decoded pixels held at once, over every request of the server
+DEFAULT_MAX_CONCURRENT = 32  # requests read, decoded and scored at once (the rest wait, then 503)
+DEFAULT_REQUEST_DEADLINE = 60.0  # seconds to send headers and body, whatever the pace
+QUEUE_SECONDS = 30.0  # how long a request waits for a slot or for pixel budget before a 503
+REQUEST_QUEUE_SIZE = 256  # the listen backlog: connections not yet accepted
+_FIELDS = ("images", "prompts", "metadata", "id")
+MAX_ID_CHARS = 200
 
 
 class BadRequest(ValueError):
@@ -72,10 +93,38 @@ class RewardOutputError(ValueError):
     """The reward returned the wrong shape or type; answered 500 naming the reward."""
 
 
+class PixelBudget:
+    """Decoded pixels held at once by every request of a server: `reserve` waits (bounded) for
+    room and raises BadRequest 413 (never fits) or 503 (busy); `release` gives it back."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._room = threading.Condition()
+
+    def reserve(self, pixels: int, wait: float = QUEUE_SECONDS) -> None:
+        if pixels > self.limit:
+            raise BadRequest(
+                f"the images add up to {pixels} pixels, over this server's budget of "
+                f"{self.limit}: send fewer or smaller images per request",
+                413,
+            )
+        with self._room:
+            if not self._room.wait_for(lambda: self.used + pixels <= self.limit, wait):
+                raise BadRequest("the server is decoding other requests; retry shortly", 503)
+            self.used += pixels
+
+    def release(self, pixels: int) -> None:
+        with self._room:
+            self.used -= pixels
+            self._room.notify_all()
+
+
 class RewardServer(ThreadingHTTPServer):
     """A threading HTTP server holding one reward, its name, limits and the lock around it."""
 
     daemon_threads = True
+    request_queue_size = REQUEST_QUEUE_SIZE  # socketserver's default of 5 resets a burst
 
     def __init__(
         self,
@@ -84,13 +133,48 @@ class RewardServer(ThreadingHTTPServer):
         name: str,
         max_request_bytes: int,
         max_batch: int,
+        *,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        request_deadline: float = DEFAULT_REQUEST_DEADLINE,
     ):
         self.reward = reward
         self.reward_name = name
         self.max_request_bytes = max_request_bytes
         self.max_batch = max_batch
         self.reward_lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self.max_concurrent = max_concurrent
+        self.pixels = PixelBudget(max_pixels)
+        self.request_deadline = float(request_deadline)
+        self._reading: dict[_Handler, float] = {}  # handler -> monotonic deadline
+        self._reading_lock = threading.Lock()
+        self._closed = threading.Event()
         super().__init__(address, _Handler)
+        threading.Thread(target=self._cut_off_slow_clients, daemon=True).start()
+
+    def watch(self, handler: _Handler, seconds: float | None) -> float:
+        """Cut `handler`'s connection off with a 408 unless it is unwatched within `seconds`;
+        None unwatches it. Returns the seconds that were left (0 when it was not watched)."""
+        with self._reading_lock:
+            left = self._reading.pop(handler, time.monotonic()) - time.monotonic()
+            if seconds is not None:
+                self._reading[handler] = time.monotonic() + seconds
+        return max(left, 0.0)
+
+    def _cut_off_slow_clients(self) -> None:
+        while not self._closed.wait(0.2):
+            now = time.monotonic()
+            with self._reading_lock:
+                late = [h for h, deadline in self._reading.items() if deadline < now]
+                for handler in late:
+                    del self._reading[handler]
+            for handler in late:
+                handler.cut_off()
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind also does a reverse DNS lookup of the host (socket.getfqdn),
@@ -114,6 +198,9 @@ def make_server(
     max_batch: int | None = None,
     reward_options: dict | None = None,
     name: str | None = None,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    request_deadline: float = DEFAULT_REQUEST_DEADLINE,
 ) -> RewardServer:
     """A bound, not yet serving `RewardServer`; call `serve_forever()` (e.g. in a thread) and
     `shutdown()` + `server_close()` to stop. `port=0` picks a free port (see `.url`).
@@ -132,11 +219,22 @@ def make_server(
         name = name or type(reward).__name__
     if max_batch is None:
         max_batch = getattr(reward, "batch_size", None) or DEFAULT_MAX_BATCH
-    if max_request_bytes < 1 or max_batch < 1:
+    if min(max_request_bytes, max_batch, max_concurrent, max_pixels) < 1 or request_deadline <= 0:
         raise ValueError(
-            f"max_request_bytes ({max_request_bytes}) and max_batch ({max_batch}) must be >= 1"
+            f"max_request_bytes ({max_request_bytes}), max_batch ({max_batch}), max_concurrent "
+            f"({max_concurrent}) and max_pixels ({max_pixels}) must be >= 1, request_deadline "
+            f"({request_deadline}) > 0"
         )
-    return RewardServer((host, port), reward, name, int(max_request_bytes), int(max_batch))
+    return RewardServer(
+        (host, port),
+        reward,
+        name,
+        int(max_request_bytes),
+        int(max_batch),
+        max_concurrent=int(max_concurrent),
+        max_pixels=int(max_pixels),
+        request_deadline=request_deadline,
+    )
 
 
 def serve(
@@ -182,12 +280,76 @@ def serve(
 
 class _Handler(BaseHTTPRequestHandler):
     server: RewardServer
-    timeout = 30  # seconds a client may stall while sending; frees the thread otherwise
+    timeout = 30  # seconds a client may stall on one read; the server's deadline bounds the rest
     _oversize = 0  # the Content-Length of a request refused with 413
     server_version = "ddpo-lite-reward"
 
+    # one request per connection (HTTP/1.0): from accept to the last byte of the body, the
+    # request must arrive within the server's request_deadline or is cut off with a 408
+    def setup(self) -> None:
+        super().setup()
+        self._replied = False
+        self._reply_lock = threading.Lock()
+        self.server.watch(self, self.server.request_deadline)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:  # the client went away, or was cut off: nothing to answer
+            self.close_connection = True
+
+    def finish(self) -> None:
+        self.server.watch(self, None)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def cut_off(self) -> None:
+        """The deadline passed while the request was still arriving (the server's watcher
+        thread calls this): answer 408 and close, so the handler's read ends."""
+        with self._reply_lock:
+            if self._replied:
+                return
+            self._replied = True
+        seconds = self.server.request_deadline
+        body = json.dumps({"error": f"the request did not arrive within {seconds:g}s"}).encode()
+        head = (
+            "HTTP/1.0 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            self.connection.settimeout(1.0)
+            self.connection.sendall(head.encode() + body)
+        except OSError:
+            pass
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        log.info(
+            "%s cut off: the request did not arrive within %gs", self.client_address[0], seconds
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("do_"):  # any other method (PUT, DELETE, HEAD, FOO): 405, not 501
+            return self._not_allowed
+        raise AttributeError(name)
+
+    def _not_allowed(self) -> None:
+        started = time.perf_counter()
+        self.server.watch(self, None)
+        path = self.path.split("?")[0]
+        allow = {"/score": "POST", "/health": "GET"}.get(path, "GET, POST")
+        message = f"{self.command} is not allowed here: use POST /score or GET /health"
+        self._oversize = _content_length(self.headers)
+        self._answer(405, {"error": message}, {"Allow": allow})
+        self._discard_body()
+        self._log(405, None, started, message)
+
     def do_GET(self) -> None:  # noqa: N802  (http.server's naming)
         started = time.perf_counter()
+        self.server.watch(self, None)
         path = self.path.split("?")[0]
         if path == "/health":
             status, payload = (
@@ -197,10 +359,13 @@ class _Handler(BaseHTTPRequestHandler):
                     "reward": self.server.reward_name,
                     "max_request_bytes": self.server.max_request_bytes,
                     "max_batch": self.server.max_batch,
+                    "max_concurrent": self.server.max_concurrent,
+                    "max_pixels": self.server.pixels.limit,
                 },
             )
         elif path == "/score":
-            status, payload = 405, {"error": "use POST /score"}
+            self._not_allowed()
+            return
         else:
             status, payload = 404, {"error": f"no {self.path}: use POST /score or GET /health"}
         self._answer(status, payload)
@@ -208,20 +373,49 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         started = time.perf_counter()
+        left = self.server.watch(self, None)  # the headers are in; waiting for a slot is free
         if self.path.split("?")[0] != "/score":
             message = f"no {self.path}: use POST /score or GET /health"
             self._answer(404, {"error": message})
             self._log(404, None, started, message)
             return
-        # 1. the request: size checked before reading, then parsed and decoded (no lock held)
+        if not self.server.slots.acquire(timeout=QUEUE_SECONDS):
+            message = f"busy: {self.server.max_concurrent} requests in progress; retry shortly"
+            self._oversize = _content_length(self.headers)
+            self._answer(503, {"error": message}, {"Retry-After": "1"})
+            self._discard_body()
+            self._log(503, None, started, message)
+            return
         try:
-            images, prompts, metadata = parse_request(self._read_body())
+            self._score(started, left)
+        finally:
+            self.server.slots.release()
+
+    def _score(self, started: float, left: float) -> None:
+        # 1. the request: size checked before reading, then parsed and decoded (no lock held),
+        # its pixels counted against the server's budget until it is answered
+        try:
+            self.server.watch(self, left)
+            body = self._read_body()
+            self.server.watch(self, None)
+            images, prompts, metadata, request_id = parse_request(body, self.server.pixels)
         except BadRequest as err:
-            self._answer(err.status, {"error": str(err)})
+            self.server.watch(self, None)
+            retry = {"Retry-After": "1"} if err.status == 503 else None
+            self._answer(err.status, {"error": str(err)}, retry)
             if err.status == 413:
                 self._discard_body()
             self._log(err.status, None, started, str(err))
             return
+        del body
+        pixels = sum(image.width * image.height for image in images)
+        try:
+            self._reward(images, prompts, metadata, request_id, started)
+        finally:
+            del images
+            self.server.pixels.release(pixels)
+
+    def _reward(self, images, prompts, metadata, request_id, started: float) -> None:
         # 2. the reward, chunk by chunk under the lock; its failure is a 500 the client may retry
         name = self.server.reward_name
         try:
@@ -230,6 +424,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.reward_lock,
             )  # fmt: skip
             payload = {"rewards": to_jsonable(rewards), "info": to_jsonable(info)}
+            if request_id is not None:
+                payload["id"] = request_id
         except RewardOutputError as err:
             message = f"reward {name!r} {err}"
             self._answer(500, {"error": message})
@@ -293,18 +489,24 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def _answer(self, status: int, payload: dict) -> None:
+    def _answer(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        with self._reply_lock:  # once: the deadline watcher may have answered 408 already
+            if self._replied:
+                return
+            self._replied = True
         body = json.dumps(payload, allow_nan=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if status >= 400:
-            self.send_header("Connection", "close")
-        self.end_headers()
         try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            if status >= 400:
+                self.send_header("Connection", "close")
+            self.end_headers()
             self.wfile.write(body)
         except OSError:  # the client went away; nothing to do
-            pass
+            self.close_connection = True
 
     def _log(self, status: int, n: int | None, started: float, error: str = "") -> None:
         """The one log line of a request: client, method, path, status, images, seconds."""
@@ -323,12 +525,24 @@ class _Handler(BaseHTTPRequestHandler):
         log.warning("%s %s", self.address_string(), format % args)
 
 
-def parse_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict]]:
-    """A /score body as (images, prompts, metadata); BadRequest says what is wrong."""
+def _content_length(headers) -> int:
+    try:
+        return max(int(headers.get("Content-Length") or 0), 0)
+    except ValueError:
+        return 0
+
+
+def parse_request(
+    body: bytes, budget: PixelBudget | None = None
+) -> tuple[list[Image.Image], list[str], list[dict], str | None]:
+    """A /score body as (images, prompts, metadata, id or None); BadRequest says what is wrong.
+    With a `budget`, the images' pixels are reserved in it before they are decoded."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise BadRequest(f"the body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise BadRequest("the body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest(f"the body must be a JSON object with fields {', '.join(_FIELDS)}")
     unknown = sorted(set(data) - set(_FIELDS))
@@ -338,6 +552,11 @@ def parse_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict]
         if field not in data:
             raise BadRequest(f"missing field {field!r}")
     images, prompts = data["images"], data["prompts"]
+    request_id = data.get("id")
+    if request_id is not None and not (
+        isinstance(request_id, str) and len(request_id) <= MAX_ID_CHARS
+    ):
+        raise BadRequest(f"'id' must be a string of at most {MAX_ID_CHARS} characters")
     metadata = data.get("metadata")
     if metadata is None:
         metadata = [{} for _ in images] if isinstance(images, list) else None
@@ -354,12 +573,13 @@ def parse_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict]
             f"{len(images)} images, {len(prompts)} prompts and {len(metadata)} metadata entries: "
             "they must be one per sample"
         )
-    return decode_images(images), prompts, metadata
+    return decode_images(images, budget), prompts, metadata, request_id
 
 
-def decode_images(encoded: Sequence[str]) -> list[Image.Image]:
+def decode_images(encoded: Sequence[str], budget: PixelBudget | None = None) -> list[Image.Image]:
     """base64 PNG strings as loaded PIL images; headers (format, size) are all checked before
-    any pixels are decoded, so a request cannot make the server allocate without bound."""
+    any pixels are decoded, so a request cannot make the server allocate without bound; with a
+    `budget`, their pixels are reserved in it first (released here if decoding fails)."""
     opened = []
     total = 0
     for i, text in enumerate(encoded):
@@ -382,10 +602,14 @@ def decode_images(encoded: Sequence[str]) -> list[Image.Image]:
         if total > MAX_REQUEST_PIXELS:
             raise BadRequest(f"the images add up to over {MAX_REQUEST_PIXELS} pixels")
         opened.append(image)
+    if budget is not None:
+        budget.reserve(total)
     for i, image in enumerate(opened):
         try:
             image.load()
         except Exception as err:
+            if budget is not None:
+                budget.release(total)
             raise BadRequest(f"image {i} is not a decodable PNG: {err}") from None
     return opened
 
@@ -407,7 +631,10 @@ def score_in_chunks(
                 images[start:stop], prompts[start:stop], metadata[start:stop]
             )
         n = len(images[start:stop])
-        chunk_rewards = np.asarray(_to_numpy(chunk_rewards), dtype=np.float64)
+        try:
+            chunk_rewards = as_reward_values(chunk_rewards)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise RewardOutputError(f"returned non-numeric rewards: {err}") from None
         if chunk_rewards.shape != (n,):
             raise RewardOutputError(
                 f"returned rewards of shape {chunk_rewards.shape} for {n} images"
@@ -422,12 +649,6 @@ def score_in_chunks(
     if not rewards:
         return np.zeros(0, dtype=np.float64), {}
     return np.concatenate(rewards), merge_infos(infos, sizes)
-
-
-def _to_numpy(values: Any) -> Any:
-    if hasattr(values, "detach"):  # a torch tensor
-        return values.detach().float().cpu().numpy()
-    return values
 
 
 # ---------------------------------------------------------------------------------------------
