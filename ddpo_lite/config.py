@@ -37,7 +37,8 @@ class ModelConfig:
     """Seed of the offline tiny model's weights (only for name = 'tiny')."""
     family: str = "auto"
     """'auto' (from the model's model_index.json), 'sd1' (Stable Diffusion 1.x and 2.x),
-    'sdxl' (Stable Diffusion XL) or 'sd3' (Stable Diffusion 3 / 3.5, flow matching)."""
+    'sdxl' (Stable Diffusion XL), 'sd3' (Stable Diffusion 3 / 3.5, flow matching), 'flux'
+    (FLUX.1-dev / -schnell) or 'flux2' (FLUX.2-klein)."""
 
 
 @dataclass
@@ -435,7 +436,7 @@ ALGORITHMS = ("ddpo-is", "ddpo-sf", "rwr", "grpo", "nft", "awm")
 TRAJECTORY_FREE = ("nft", "awm")
 #: On-policy algorithms: one optimizer step per epoch (the old policy is the current one).
 ONE_STEP_ALGORITHMS = ("ddpo-sf", "nft", "awm")
-FAMILIES = ("sd1", "sdxl", "sd3")  # ddpo_lite.families.FAMILY_NAMES
+FAMILIES = ("sd1", "sdxl", "sd3", "flux", "flux2")  # ddpo_lite.families.FAMILY_NAMES
 FLOW_SAMPLERS = ("sde", "cps")
 TRACKERS = ("tensorboard", "wandb")
 PRECISIONS = ("no", "fp16", "bf16")

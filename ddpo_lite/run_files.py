@@ -226,7 +226,8 @@ def lora_metadata(config: Config, reward_name: str | None = None) -> dict:
     `reward_config` is the `[reward]` section as JSON, except for a "function".
     """
     base = config.model.name
-    if base in ("tiny", "tiny-sdxl", "tiny-sd3"):  # the seed is part of the tiny models' identity
+    # the seed is part of the tiny models' identity
+    if base in ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2"):
         base = f"{base}:{config.model.seed}"
     section = config.reward
     label = reward_label(section)

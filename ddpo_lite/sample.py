@@ -144,7 +144,7 @@ def sample(
     for prompt in prompts:
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num)]
         images = pipe(
-            prompt,
+            prompt=prompt,  # by name: Flux2KleinPipeline's first argument is `image`
             num_images_per_prompt=num,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,

@@ -239,6 +239,9 @@ def check_family_settings(pipe, family, config: Config, resolution: int) -> None
             f"prompts.negative_prompt is set but the {family.name} model has no classifier-free "
             "guidance with a negative prompt; leave it empty"
         )
+    check = getattr(family, "check_settings", None)  # a family's own limits (flux2's distilled)
+    if check is not None and (problem := check(pipe, config)):
+        raise ConfigError(problem)
 
 
 def make_policy(pipe, config: Config, device, autocast, denoiser=None) -> Policy:

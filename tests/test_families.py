@@ -45,8 +45,10 @@ def test_the_family_comes_from_model_index(tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_sdxl_pipeline_dir(), folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(ModelLoadError, match="FluxPipeline.*StableDiffusionXLPipeline"):
+    (folder / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "QwenImagePipeline"})
+    )
+    with pytest.raises(ModelLoadError, match="QwenImagePipeline.*StableDiffusionXLPipeline"):
         load_pipeline(str(folder))
     # an explicit family loads it whatever the class name says
     assert isinstance(load_pipeline(str(folder), family="sdxl"), StableDiffusionXLPipeline)

@@ -6,7 +6,7 @@ guided model call, decoding and saving the LoRA with its own diffusers loader. I
 of RL: the sampler (samplers/) and the trainer use it through `Policy` (policy.py).
 
 Two kinds: UNet families (sd1, sdxl: `sampler = "ddim"`, the DDIM step of samplers/ddim.py)
-and flow-matching transformers (sd3: `sampler = "flow"`, samplers/flow_sde.py).
+and flow-matching transformers (sd3, flux, flux2: `sampler = "flow"`, samplers/flow_sde.py).
 
 `family_for_class("StableDiffusionXLPipeline")` picks one from `model_index.json`'s
 `_class_name`; `get_family("sdxl")` by name (`model.family`).
@@ -148,15 +148,21 @@ def decode_flow_vae(pipe, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def set_flow_timesteps(pipe, scheduler, num_steps: int, resolution: int, device) -> None:
-    """The sigma grid the pipeline samples with: `set_timesteps(num_steps)`, with the
-    resolution-dependent shift `mu` where the scheduler uses dynamic shifting (FLUX), computed
-    as the pipeline computes it from the image's token count."""
+    """The sigma grid the pipeline samples with. A family with a `flow_schedule(pipe, scheduler,
+    num_steps, resolution)` hook gives `set_timesteps`' kwargs itself (FLUX's custom sigmas and
+    mu); otherwise (SD3) `set_timesteps(num_steps)`, with the resolution-dependent shift `mu`
+    where the scheduler uses dynamic shifting, computed as the pipeline computes it from the
+    image's token count."""
+    family = family_of(pipe)
+    schedule = getattr(family, "flow_schedule", None)
+    if schedule is not None:
+        scheduler.set_timesteps(device=device, **schedule(pipe, scheduler, num_steps, resolution))
+        return
     kwargs = {}
     config = scheduler.config
     if config.get("use_dynamic_shifting", False):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        family = family_of(pipe)
         side = resolution // family.resolution_multiple(pipe)
         kwargs["mu"] = calculate_shift(
             side * side,
@@ -178,14 +184,16 @@ def decode_with_vae(pipe, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def _families() -> dict[str, Family]:
+    from ddpo_lite.families.flux import FLUX
+    from ddpo_lite.families.flux2 import FLUX2
     from ddpo_lite.families.sd1 import SD1
     from ddpo_lite.families.sd3 import SD3
     from ddpo_lite.families.sdxl import SDXL
 
-    return {"sd1": SD1, "sdxl": SDXL, "sd3": SD3}
+    return {"sd1": SD1, "sdxl": SDXL, "sd3": SD3, "flux": FLUX, "flux2": FLUX2}
 
 
-FAMILY_NAMES = ("sd1", "sdxl", "sd3")
+FAMILY_NAMES = ("sd1", "sdxl", "sd3", "flux", "flux2")
 
 
 def get_family(name: str) -> Family:

@@ -29,6 +29,8 @@ HUB_PROBE_TIMEOUT_S = 5.0
 _TINY_RE = re.compile(r"tiny(?::(\d+))?")
 _TINY_SDXL_RE = re.compile(r"tiny-sdxl(?::(\d+))?")
 _TINY_SD3_RE = re.compile(r"tiny-sd3(?::(\d+))?")
+_TINY_FLUX_RE = re.compile(r"tiny-flux(?::(\d+))?")
+_TINY_FLUX2_RE = re.compile(r"tiny-flux2(?::(\d+))?")
 #: The small pretrained model shipped inside the package (trained by scripts/train_shapes_model.py).
 SHAPES_MODEL_DIR = Path(__file__).parent / "shapes_model"
 
@@ -64,6 +66,7 @@ def load_pipeline(
       ``from_pretrained`` like any folder; ``seed`` applies to plain ``"tiny"``.
     - ``"tiny-sdxl"`` / ``"tiny-sdxl:SEED"``: the same in the SDXL architecture.
     - ``"tiny-sd3"`` / ``"tiny-sd3:SEED"``: the same in the SD3 (flow-matching MMDiT) one.
+    - ``"tiny-flux"`` / ``"tiny-flux2"`` (``:SEED``): the same as FLUX.1-dev and FLUX.2-klein.
     - ``"shapes"``: the small pretrained model that ships inside the package (``SHAPES_MODEL_DIR``;
       32x32 coloured shapes, captions like "a red circle on a blue background").
     - a local folder in diffusers layout (``model_index.json`` and the component subfolders).
@@ -98,6 +101,16 @@ def load_pipeline(
 
         tiny_seed = int(tiny_sd3.group(1)) if tiny_sd3.group(1) is not None else seed
         pipe = _from_folder(tiny_sd3_pipeline_dir(tiny_seed), kwargs, family)
+    elif tiny_flux := _TINY_FLUX_RE.fullmatch(name):
+        from .tiny_flux import tiny_flux_pipeline_dir
+
+        tiny_seed = int(tiny_flux.group(1)) if tiny_flux.group(1) is not None else seed
+        pipe = _from_folder(tiny_flux_pipeline_dir(tiny_seed), kwargs, family)
+    elif tiny_flux2 := _TINY_FLUX2_RE.fullmatch(name):
+        from .tiny_flux2 import tiny_flux2_pipeline_dir
+
+        tiny_seed = int(tiny_flux2.group(1)) if tiny_flux2.group(1) is not None else seed
+        pipe = _from_folder(tiny_flux2_pipeline_dir(tiny_seed), kwargs, family)
     elif name == "shapes":
         pipe = _from_folder(SHAPES_MODEL_DIR, kwargs, family)
     elif path.is_dir():
