@@ -250,7 +250,8 @@ def rollout(
     images = policy.family.decode(policy.pipe, latents)
     if not recorded_steps:  # nothing stochastic kept: the final latent and the whole grid
         states, recorded_steps = [latents], list(steps)
-    ends_at_x0 = len(states) == 1 or int(recorded_steps[-1]) == int(steps[-1])
+    # a window always keeps x0 apart: an epoch's batches (each its own window) then concatenate
+    ends_at_x0 = len(states) == 1 or (window is None and int(recorded_steps[-1]) == int(steps[-1]))
     trajectory = Trajectory(
         chain=torch.stack(states, dim=1),
         timesteps=torch.stack(list(recorded_steps)).to(device).repeat(batch, 1),

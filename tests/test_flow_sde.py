@@ -258,6 +258,13 @@ def test_an_sde_window_records_only_its_steps(tmp_path):
         x = ode.advance(run.policy.predict(x, torch.tensor(i), cond, negative), i, x)
     torch.testing.assert_close(windowed.chain[:, 0], x, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(windowed.final, deterministic.final_latents, atol=1e-3)
+    # a window that ends at the last step still keeps x0 apart (batches must concatenate)
+    _, at_end = rollout(run.policy, prompts, torch.arange(2), gen, window=range(4, 6))
+    from ddpo_lite.sampling import Trajectory
+
+    both = Trajectory.cat([windowed, at_end])
+    assert both.final_latents.shape == (4, 4, 16, 16)
+    torch.testing.assert_close(at_end.final, at_end.chain[:, -1])
 
 
 def test_grpo_settings_are_checked(tmp_path):

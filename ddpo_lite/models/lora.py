@@ -73,9 +73,15 @@ def attach_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: 
     return params
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights with diffusers' key names (without the 'unet.' prefix)."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+def lora_state_dict(denoiser: torch.nn.Module, family=None) -> dict[str, torch.Tensor]:
+    """The adapter's weights as the family's diffusers loader reads them (without the 'unet.' /
+    'transformer.' prefix): diffusers' key names for a UNet; peft's own (`lora_A` / `lora_B`)
+    for a transformer, as diffusers' SD3 and FLUX training scripts save them (converted names
+    mixed with unconverted ones, e.g. `to_q` beside `add_q_proj`, make its loaders skip half)."""
+    state = get_peft_model_state_dict(denoiser)
+    if family is not None and family.denoiser_name == "transformer":
+        return state
+    return convert_state_dict_to_diffusers(state)
 
 
 def save_lora(
@@ -90,7 +96,10 @@ def save_lora(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
+        state = {
+            k: v.detach().float().cpu().contiguous()
+            for k, v in lora_state_dict(unet, family).items()
+        }
         adapter_config = unet.peft_config["default"].to_dict()
         where = family.denoiser_name if family is not None else "unet"  # "unet" / "transformer"
         pipeline_class.save_lora_weights(
