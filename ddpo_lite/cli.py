@@ -128,14 +128,16 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ddpo_lite.export import export_kohya
+    from ddpo_lite.export import COMFYUI_WEIGHT_NAME, default_export_name, export_lora
 
     source = Path(args.lora)
+    name = default_export_name(source)  # by the family in the LoRA's header
     output = args.output or (source.parent if source.is_dir() else source.parent.parent)
     if args.output is None:
-        output = Path(output) / "lora_kohya.safetensors"
-    path = export_kohya(source, output)
-    _out.print(f"kohya/A1111/ComfyUI LoRA written to {path}")
+        output = Path(output) / name
+    path = export_lora(source, output)
+    kind = "ComfyUI" if name == COMFYUI_WEIGHT_NAME else "kohya/A1111/ComfyUI"
+    _out.print(f"{kind} LoRA written to {path}")
     return 0
 
 
@@ -348,7 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("lora", metavar="LORA", help="LoRA folder or .safetensors file")
     export.add_argument(
-        "--output", metavar="FILE", help="default: lora_kohya.safetensors beside the LoRA folder"
+        "--output",
+        metavar="FILE",
+        help="default: lora_kohya.safetensors (SD 1.x/SDXL) or lora_comfyui.safetensors "
+        "(SD3/FLUX) beside the LoRA folder",
     )
     export.set_defaults(func=_export)
 

@@ -14,16 +14,31 @@ import pytest
 import torch
 from diffusers import (
     AutoPipelineForText2Image,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
 )
-from diffusers.utils import convert_state_dict_to_kohya
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ddpo_lite.export import KOHYA_WEIGHT_NAME, export_kohya, kohya_state_dict
+from ddpo_lite.cli import main
+from ddpo_lite.export import (
+    COMFYUI_WEIGHT_NAME,
+    KOHYA_WEIGHT_NAME,
+    export_comfyui,
+    export_kohya,
+    export_lora,
+    kohya_state_dict,
+)
 from ddpo_lite.lora_files import LoraFileError, check_lora_file, read_lora_file
 from ddpo_lite.models import load_pipeline, tiny_pipeline_dir
 from ddpo_lite.models.lora import LORA_WEIGHT_NAME, attach_lora, save_lora
@@ -323,3 +338,267 @@ def test_bad_files_give_one_line_errors(tmp_path, lora_r4_a8):
     full[max(full)][0, 0] = float("nan")
     save_file(full, diverged)
     _one_line_error(diverged, "NaN")
+
+
+# --- transformer families (SD3, FLUX.1, FLUX.2): the ComfyUI export -------------------------
+# scripts/check_comfyui_keys.py shows, with ComfyUI's own loader at full size, that ComfyUI maps
+# every `transformer.<module>` name of these files and none of diffusers' kohya names; these
+# tests hold the export to the trained weights on tiny transformers.
+
+_ATTN = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
+TRANSFORMERS = {
+    # two blocks: the last one has no to_add_out (context_pre_only); block 0 has SD3.5's attn2,
+    # which the "attn." targets leave alone
+    "sd3": (
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        {
+            "num_layers": 2,
+            "attention_head_dim": 8,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "caption_projection_dim": 16,
+            "pooled_projection_dim": 32,
+            "sample_size": 8,
+            "pos_embed_max_size": 8,
+            "patch_size": 2,
+            "in_channels": 4,
+            "out_channels": 4,
+            "dual_attention_layers": (0,),
+            "qk_norm": "rms_norm",
+        },
+        _ATTN,
+    ),
+    "flux": (
+        FluxTransformer2DModel,
+        FluxPipeline,
+        {
+            "num_layers": 1,
+            "num_single_layers": 1,
+            "attention_head_dim": 8,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "pooled_projection_dim": 32,
+            "in_channels": 4,
+            "axes_dims_rope": (2, 2, 4),
+            "guidance_embeds": True,
+        },
+        [*_ATTN, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+    ),
+    "flux2": (
+        Flux2Transformer2DModel,
+        Flux2KleinPipeline,
+        {
+            "num_layers": 1,
+            "num_single_layers": 1,
+            "attention_head_dim": 16,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "in_channels": 8,
+            "timestep_guidance_channels": 16,
+            "axes_dims_rope": (4, 4, 4, 4),
+            "guidance_embeds": False,
+        },
+        [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "to_qkv_mlp_proj",
+            "single_transformer_blocks.0.attn.to_out",
+        ],
+    ),
+}
+
+
+def _tiny_transformer(family: str) -> torch.nn.Module:
+    model_class, _, config, _ = TRANSFORMERS[family]
+    torch.manual_seed(0)
+    return model_class(**config)
+
+
+def _make_transformer_lora(
+    folder, family: str, rank: int, alpha: float, patterns=None, convert: bool = False
+):
+    """A transformer LoRA saved by the family pipeline's `save_lora_weights` with
+    `transformer_lora_layers` and the peft config, `ddpo_lite.family` in the header. The state is
+    `get_peft_model_state_dict` as diffusers' SD3/FLUX scripts save it; `convert` passes it
+    through `convert_state_dict_to_diffusers` first (as save_lora does for a UNet), which renames
+    to_q/k/v/out to `.lora.down/up` (names diffusers' transformer loaders drop)."""
+    _, pipeline_class, _, targets = TRANSFORMERS[family]
+    model = _tiny_transformer(family)
+    if patterns is None:
+        attach_lora(model, rank, alpha, targets)
+    else:
+        model.requires_grad_(False)
+        model.add_adapter(
+            LoraConfig(
+                r=rank,
+                lora_alpha=alpha,
+                init_lora_weights="gaussian",
+                target_modules=targets,
+                **patterns,
+            )
+        )
+    _randomize_b(model, seed=rank * 100 + int(alpha))
+    state = get_peft_model_state_dict(model)
+    if convert:
+        state = convert_state_dict_to_diffusers(state)
+    pipeline_class.save_lora_weights(
+        folder,
+        transformer_lora_layers={k: v.detach().contiguous() for k, v in state.items()},
+        transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+        safe_serialization=True,
+    )
+    path = folder / LORA_WEIGHT_NAME
+    with safe_open(path, framework="pt") as f:
+        header = dict(f.metadata())
+    header.update({"ddpo_lite.family": family, "ddpo_lite.base_model": f"tiny-{family}"})
+    save_file(load_file(path), path, metadata=header)
+    # the delta peft trained, per module: scaling * B @ A (independent of any file)
+    deltas = {
+        name: layer.scaling["default"]
+        * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+        for name, layer in model.named_modules()
+        if isinstance(layer, LoraLayer)
+    }
+    return folder, {k: v.detach() for k, v in deltas.items()}
+
+
+def _diffusers_deltas(family: str, path) -> dict[str, torch.Tensor]:
+    """The weight change per module after the family's diffusers loader reads `path`."""
+    _, pipeline_class, _, _ = TRANSFORMERS[family]
+    model = _tiny_transformer(family)
+    if pipeline_class is FluxPipeline:  # FLUX.1's loader also takes kohya-style alphas
+        state, alphas, metadata = pipeline_class.lora_state_dict(
+            path, return_alphas=True, return_lora_metadata=True
+        )
+        pipeline_class.load_lora_into_transformer(
+            state, network_alphas=alphas, transformer=model, metadata=metadata
+        )
+    else:
+        state, metadata = pipeline_class.lora_state_dict(path, return_lora_metadata=True)
+        pipeline_class.load_lora_into_transformer(state, transformer=model, metadata=metadata)
+    out = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer):
+            (adapter,) = layer.lora_A.keys()
+            b, a = layer.lora_B[adapter].weight, layer.lora_A[adapter].weight
+            out[name] = (layer.scaling[adapter] * (b @ a)).detach()
+    return out
+
+
+# peft warns about the converted file's to_q/k/v/out names, which diffusers' loader drops
+@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
+@pytest.mark.parametrize(
+    ("family", "rank", "alpha", "patterns", "convert"),
+    [
+        ("sd3", 4, 4, None, False),
+        ("sd3", 4, 8, None, False),
+        ("sd3", 4, 8, None, True),
+        ("flux", 4, 8, None, False),
+        ("flux", 4, 8, {"use_rslora": True}, False),
+        ("flux2", 4, 8, {"alpha_pattern": {"to_qkv_mlp_proj": 2}}, False),
+    ],
+    ids=[
+        "sd3-alpha=rank",
+        "sd3-alpha!=rank",
+        "sd3-converted-keys",
+        "flux-alpha!=rank",
+        "flux-rslora",
+        "flux2-alpha-pattern",
+    ],
+)
+def test_comfyui_export_of_a_transformer_lora_keeps_the_trained_weight_change(
+    tmp_path, family, rank, alpha, patterns, convert
+):
+    folder, trained = _make_transformer_lora(
+        tmp_path / "lora", family, rank, alpha, patterns, convert
+    )
+    out = export_lora(folder, tmp_path / "comfy.safetensors")
+    assert out == tmp_path / "comfy.safetensors"
+
+    source = load_file(folder / LORA_WEIGHT_NAME)
+    with safe_open(out, framework="pt") as f:
+        exported = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        header = f.metadata()
+    # the keys ComfyUI maps: transformer.<diffusers module>, each in peft's spelling
+    pairs = read_lora_file(folder).modules  # "transformer.<module>" -> (down key, up key), saved
+    assert set(pairs) == {f"transformer.{m}" for m in trained}
+    assert set(exported) == {
+        f"transformer.{m}.lora_{half}.weight" for m in trained for half in ("A", "B")
+    }
+    # ComfyUI reads no alpha here and applies up @ down: that must be peft's scaling * B @ A
+    for module, delta in trained.items():
+        down, up = (exported[f"transformer.{module}.lora_{h}.weight"] for h in ("A", "B"))
+        torch.testing.assert_close(up @ down, delta, msg=module)
+        torch.testing.assert_close(down, source[pairs[f"transformer.{module}"][0]], rtol=0, atol=0)
+        assert not torch.allclose(delta, torch.zeros_like(delta))  # the LoRA is not a no-op
+        if alpha == rank and patterns is None:  # scale 1: the saved tensors unchanged
+            torch.testing.assert_close(
+                up, source[pairs[f"transformer.{module}"][1]], rtol=0, atol=0
+            )
+    # the alpha is in the weights now, so the adapter config must go (diffusers would apply it
+    # again); the ddpo-lite fields stay
+    assert "lora_adapter_metadata" not in header
+    assert header["ddpo_lite.family"] == family
+    assert header["ddpo_lite.base_model"] == f"tiny-{family}"
+
+    # diffusers' own loader reads the export (and the saved file, in peft's spelling) at the
+    # trained strength; of the converted file it drops to_q/k/v/out
+    if convert:
+        assert len(_diffusers_deltas(family, folder / LORA_WEIGHT_NAME)) < len(trained)
+    for path in [out] if convert else [folder / LORA_WEIGHT_NAME, out]:
+        loaded = _diffusers_deltas(family, path)
+        assert loaded.keys() == trained.keys()
+        for module, delta in trained.items():
+            torch.testing.assert_close(loaded[module], delta, msg=f"{path.name}: {module}")
+
+
+def test_export_picks_the_format_by_family_and_kohya_refuses_transformers(tmp_path, lora_r4_a8):
+    folder, _ = _make_transformer_lora(tmp_path / "flux" / "lora", "flux", 4, 4)
+    # a folder as output: the family's file name
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert export_lora(folder, out_dir) == out_dir / COMFYUI_WEIGHT_NAME
+    assert export_lora(lora_r4_a8, out_dir) == out_dir / KOHYA_WEIGHT_NAME
+    assert all(k.startswith("lora_unet_") for k in load_file(out_dir / KOHYA_WEIGHT_NAME))
+
+    with pytest.raises(LoraFileError, match="transformer.*ComfyUI applies none") as info:
+        export_kohya(folder, tmp_path / "k.safetensors")
+    assert "\n" not in str(info.value) and str(folder) in str(info.value)
+    with pytest.raises(LoraFileError, match="UNet"):
+        export_comfyui(lora_r4_a8, tmp_path / "c.safetensors")
+
+    # the CLI: with no --output, lora_comfyui.safetensors beside the LoRA folder
+    assert main(["export", str(folder)]) == 0
+    assert (
+        load_file(folder.parent / COMFYUI_WEIGHT_NAME).keys()
+        == load_file(folder / LORA_WEIGHT_NAME).keys()
+    )
+
+
+def test_transformer_family_header_that_disagrees_with_the_weights(tmp_path, lora_r4_a8):
+    """A UNet file whose header says flux, and a family ddpo-lite does not know: one line each."""
+    header = {"ddpo_lite.family": "flux"}
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(load_file(lora_r4_a8 / LORA_WEIGHT_NAME), wrong, metadata=header)
+    with pytest.raises(LoraFileError, match="outside the transformer") as info:
+        export_lora(wrong, tmp_path / "out.safetensors")
+    assert "\n" not in str(info.value) and str(wrong) in str(info.value)
+
+    unknown = tmp_path / "unknown.safetensors"
+    save_file(
+        load_file(lora_r4_a8 / LORA_WEIGHT_NAME), unknown, metadata={"ddpo_lite.family": "sd9"}
+    )
+    with pytest.raises(LoraFileError, match="'sd9'.*sd1, sdxl, sd3, flux, flux2"):
+        export_lora(unknown, tmp_path / "out.safetensors")
