@@ -174,7 +174,7 @@ class MetaModels:
 
 
 #: Rewards that run no model on the accelerator.
-CPU_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
+CPU_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "ocr")  # ocr: RapidOCR's ONNX, CPU
 #: Rewards whose model is a CLIP ViT-H/14 (the others are counted as a ViT-L/14).
 VIT_H_REWARDS = ("pickscore", "hps")
 #: Rewards that hold a CLIP text tower beside the vision one.

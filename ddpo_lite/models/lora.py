@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -74,8 +74,15 @@ def attach_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: 
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights with diffusers' key names (without the 'unet.' prefix)."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    """The adapter's weights with diffusers' key names (without the 'unet.' prefix). A UNet's
+    go through `convert_state_dict_to_diffusers` as diffusers' UNet LoRA script writes them; a
+    transformer's (SD3) stay peft's lora_A / lora_B, as diffusers' SD3 LoRA script saves them and
+    `StableDiffusion3Pipeline.load_lora_weights` reads them (converted, its to_q/k/v/out keys
+    became lora.down/up while add_*_proj kept lora_A/B, and the loader then took only those)."""
+    state = get_peft_model_state_dict(unet)
+    if isinstance(unet, UNet2DConditionModel):
+        return convert_state_dict_to_diffusers(state)
+    return state
 
 
 def save_lora(
