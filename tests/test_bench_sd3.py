@@ -303,3 +303,27 @@ def test_vram_6_quantizes_the_base():
     config, report = select_for_vram(load_config("sd35-pickscore"), 6)
     assert config.memory.quantize_base == "nf4", report
     assert estimate(config).device_bytes <= 6 * GiB
+
+
+def test_text_encoders_run_only_at_setup_and_on_the_cpu():
+    """The prompt encoder encodes the prompt list once (preload) and serves every later batch
+    from its cache: the text encoders (T5 among them on the real model) never run again, and
+    with encode_on_cpu they never leave the CPU."""
+    from ddpo_lite.families import family_of
+    from ddpo_lite.models import load_pipeline
+    from ddpo_lite.sampling import PromptEncoder
+
+    pipe = load_pipeline("tiny-sd3")
+    encoders = family_of(pipe).text_encoders(pipe)
+    calls = []
+    for encoder in encoders:
+        encoder.register_forward_hook(lambda *_: calls.append(1))
+    prompts = ["a red circle", "a blue square"]
+    encoder = PromptEncoder(pipe, torch.device("cpu"), offload=True, on_cpu=True)
+    encoder.preload(prompts)
+    at_setup = len(calls)
+    assert at_setup > 0
+    cond, _ = encoder(prompts * 3)
+    assert len(calls) == at_setup
+    assert len(cond) == 6
+    assert all(p.device.type == "cpu" for e in encoders for p in e.parameters())
