@@ -164,10 +164,24 @@ class MemoryConfig:
     vae_slicing: bool = True
     offload_text_encoder: bool = True
     """Keep the text encoder on the CPU; it visits the accelerator only to encode new prompts."""
+    encode_on_cpu: bool = False
+    """Run the text encoders on the CPU (in their frozen dtype) and move only the cached
+    embeddings to the accelerator: SD3's T5-XXL (9 GB in bf16) never meets it. Slower setup
+    (the prompt list is encoded once); offload_text_encoder's visit is then never made."""
     cpu: bool = False
     """Run on the CPU even where an accelerator is present."""
     offload_reward: bool = False
     """Move the reward model off the accelerator between calls."""
+    quantize_base: str = "none"
+    """Store the frozen denoiser (the LoRA's base) quantized, LoRA in float32 on top (QLoRA):
+    'nf4' (bitsandbytes 4-bit NormalFloat, ~0.52 byte/weight) or 'int8' (LLM.int8, 1 byte),
+    through diffusers' BitsAndBytesConfig at load (a CUDA GPU and bitsandbytes needed); 'fp8'
+    (float8_e4m3fn storage, each layer upcast to the autocast dtype for its matmul: diffusers'
+    `enable_layerwise_casting`, any device); 'none'."""
+    drop_t5: bool = False
+    """SD3 only: load without the T5-XXL text encoder (4.7B parameters; text_encoder_3=None,
+    the pipeline's documented option: its tokens are zeros). Saves the encoder's 9.5 GB visit at
+    setup and its load time; prompt following, and text rendering most, get worse."""
 
 
 @dataclass
@@ -361,6 +375,11 @@ class Config:
                 self.memory.attention in ATTENTIONS,
                 "'sdpa', 'xformers' or 'math'",
             ),
+            (
+                "memory.quantize_base",
+                self.memory.quantize_base in QUANTIZATIONS,
+                f"one of {', '.join(map(repr, QUANTIZATIONS))}",
+            ),
         ]
         for name, ok, accepted in checks:
             if not ok:
@@ -426,6 +445,12 @@ class Config:
             raise ConfigError("guard.max_kl needs guard.kl_samples > 0 to measure the KL")
         if t.kl_coef and t.algorithm == "rwr":
             raise ConfigError("train.kl_coef applies to ddpo-is and ddpo-sf, not rwr")
+        if self.memory.quantize_base in ("nf4", "int8") and self.memory.cpu:
+            raise ConfigError(
+                f"memory.quantize_base = {self.memory.quantize_base!r} runs through diffusers' "
+                "bitsandbytes quantizer, which needs a GPU, and memory.cpu = true: use "
+                "memory.quantize_base = 'fp8' (layerwise fp8 storage runs on the CPU) or 'none'"
+            )
         if not self.prompts.file and not self.prompts.prompts:
             raise ConfigError("prompts.prompts is empty and prompts.file is unset: give one")
         return self
@@ -441,6 +466,7 @@ FLOW_SAMPLERS = ("sde", "cps")
 TRACKERS = ("tensorboard", "wandb")
 PRECISIONS = ("no", "fp16", "bf16")
 ATTENTIONS = ("sdpa", "xformers", "math")
+QUANTIZATIONS = ("none", "nf4", "int8", "fp8")
 
 
 def get_field(config: Any, dotted: str) -> Any:

@@ -136,7 +136,9 @@ class PromptEncoder:
     then caches its conditioning.
 
     With `offload=True` the text encoders live on the CPU and visit `device` only while they
-    encode prompts not seen before.
+    encode prompts not seen before. With `on_cpu=True` they never leave the CPU: they encode
+    there and only the embeddings move to `device` (SD3's T5-XXL, 9 GB in bf16, never meets the
+    accelerator; setup is slower).
     """
 
     def __init__(
@@ -147,9 +149,11 @@ class PromptEncoder:
         offload: bool = False,
         family=None,
         resolution: int = 0,
+        on_cpu: bool = False,
     ):
         from ddpo_lite.families import family_of
 
+        self.on_cpu = on_cpu
         self.pipe = pipe
         self.family = family or family_of(pipe)
         self.device = torch.device(device)
@@ -158,7 +162,7 @@ class PromptEncoder:
         self.resolution = resolution or self.family.native_resolution(pipe)
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
         self._negative: Cond | None = None
-        self._place("cpu" if offload else self.device)
+        self._place("cpu" if offload or on_cpu else self.device)
 
     def _place(self, device) -> None:
         for encoder in self.family.text_encoders(self.pipe):
@@ -176,13 +180,17 @@ class PromptEncoder:
         """(the prompts' conditioning (B, ...), the negative prompt's (1, ...))."""
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing or self._negative is None:
-            if self.offload:
+            visit = self.offload and not self.on_cpu
+            if visit:
                 self._place(self.device)
+            where = torch.device("cpu") if self.on_cpu else self.device
             cond, negative = self.family.encode(
-                self.pipe, missing or [""], self.device, self.negative_prompt, self.resolution
+                self.pipe, missing or [""], where, self.negative_prompt, self.resolution
             )
-            if self.offload:
+            if visit:
                 self._place("cpu")
+            if self.on_cpu:
+                cond, negative = cond.to(self.device), negative.to(self.device)
             for prompt, row in zip(missing, cond.rows(), strict=False):
                 self._cache[prompt] = row
             self._negative = negative

@@ -256,6 +256,7 @@ def make_policy(pipe, config: Config, device, autocast, denoiser=None) -> Policy
         config.memory.offload_text_encoder,
         family=family,
         resolution=resolution,
+        on_cpu=config.memory.encode_on_cpu,
     )
     return Policy(
         family=family,
@@ -291,7 +292,12 @@ def build_components(config: Config, accelerator: Accelerator) -> Components:
     """Load the pipeline, apply the memory levers, attach the LoRA, prepare for accelerate."""
     device = accelerator.device
     with accelerator.main_process_first():  # one process writes caches, the others read them
-        pipe = load_pipeline(config.model.name, seed=config.model.seed, family=config.model.family)
+        pipe = load_pipeline(
+            config.model.name,
+            seed=config.model.seed,
+            family=config.model.family,
+            memory=config.memory,  # load-time levers: quantize_base (nf4 / int8), drop_t5
+        )
     apply_memory_settings(pipe, config.memory, device)
     denoiser = family_of(pipe).denoiser(pipe)
     torch.manual_seed(config.seed)  # the LoRA's initial A matrices (B starts at zero)

@@ -6,6 +6,11 @@ levers are switched on cumulatively, from none to the preset's own. Why: which l
 before any GPU has run it. Predictions, not measurements: the estimate's assumptions apply.
 
     OMP_NUM_THREADS=1 python scripts/estimate_levers.py [--preset sdxl-aesthetic] [--res 1024 768 512]
+    OMP_NUM_THREADS=1 python scripts/estimate_levers.py --preset sd35-pickscore --res 512 1024
+
+A flow-matching transformer preset (SD3) gets its own steps (`FLOW_STEPS`: no attention step,
+its processors are SDPA already; then the quantized base and where the text encoders run), and
+rows marked "instead" replace the step above them rather than add to it.
 """
 
 from __future__ import annotations
@@ -44,6 +49,58 @@ STEPS = [
 ]
 
 
+#: The SD3 steps: (label, overrides, cumulative?). A row that is not cumulative is an
+#: alternative to the previous row, not kept for the next.
+FLOW_STEPS = [
+    (
+        "no memory lever (fp32 weights under bf16 autocast), 1 sample x 1 timestep per backward",
+        [
+            "memory.half_base=false",
+            "memory.gradient_checkpointing=false",
+            "memory.use_8bit_adam=false",
+            "memory.vae_slicing=false",
+            "memory.offload_text_encoder=false",
+            "memory.encode_on_cpu=false",
+            "memory.offload_reward=false",
+            "memory.quantize_base='none'",
+            "memory.drop_t5=false",
+            "reward.overlap=true",
+            "train.micro_batch_size=1",
+            "train.timestep_chunk=1",
+        ],
+        True,
+    ),
+    ("+ bf16 frozen weights (half_base)", ["memory.half_base=true"], True),
+    (
+        "+ text encoders off the GPU (they visit to encode)",
+        ["memory.offload_text_encoder=true"],
+        True,
+    ),
+    ("+ VAE slicing", ["memory.vae_slicing=true"], True),
+    ("+ gradient checkpointing", ["memory.gradient_checkpointing=true"], True),
+    ("+ 8-bit AdamW", ["memory.use_8bit_adam=true"], True),
+    ("+ reward model off the GPU between calls", ["memory.offload_reward=true"], True),
+    ("+ reward scored after each batch (overlap off)", ["reward.overlap=false"], True),
+    ("+ fp8 frozen transformer (layerwise casting)", ["memory.quantize_base='fp8'"], False),
+    ("+ int8 frozen transformer (bitsandbytes)", ["memory.quantize_base='int8'"], False),
+    ("+ nf4 frozen transformer (bitsandbytes, QLoRA)", ["memory.quantize_base='nf4'"], True),
+    ("+ without T5 (drop_t5), encoders visiting", ["memory.drop_t5=true"], False),
+    (
+        "+ text encoders run on the CPU (encode_on_cpu), with T5",
+        ["memory.encode_on_cpu=true"],
+        True,
+    ),
+]
+
+
+def _steps(preset: str) -> list[tuple[str, list[str], bool]]:
+    from ddpo_lite.bench.estimate import is_sd3
+
+    if is_sd3(load_config(preset)):
+        return FLOW_STEPS
+    return [(label, step, True) for label, step in STEPS]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="sdxl-aesthetic")
@@ -52,11 +109,13 @@ def main() -> None:
     header = "| levers (cumulative) | " + " | ".join(f"{r} px" for r in args.res) + " |"
     rows = [header, "|" + " --- |" * (len(args.res) + 1)]
     overrides: list[str] = []
-    for label, step in STEPS:
-        overrides += step
+    for label, step, cumulative in _steps(args.preset):
+        row = [*overrides, *step]
+        if cumulative:
+            overrides = row
         cells = []
         for res in args.res:
-            config = load_config(args.preset, [*overrides, f"sample.resolution={res}"])
+            config = load_config(args.preset, [*row, f"sample.resolution={res}"])
             result = estimate(config)
             largest = max(result.phases, key=lambda n: result.phases[n].peak_bytes)
             cells.append(f"{result.device_bytes / GiB:.2f} ({largest})")

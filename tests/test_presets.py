@@ -3,8 +3,10 @@
 A preset is only tested if it runs as shipped: the shipped GPU presets once crashed at their
 first checkpoint (8-bit AdamW's nested state) while every test ran them with 8-bit AdamW off.
 So each preset found in presets/ runs through the command line with only what a CPU cannot do
-or afford changed (`rehearsal_overrides`): the model (`tiny`, or `tiny-sdxl` for an SDXL
-preset), the sizes (resolution included), fp16 -> bf16, and a model reward replaced by the same
+or afford changed (`rehearsal_overrides`): the model (`tiny`, `tiny-sdxl` for an SDXL
+preset, `tiny-sd3` for an SD3 one), the sizes (resolution included, an SDE window clamped to the
+shorter chain), fp16 -> bf16, a bitsandbytes-quantized base (diffusers quantizes only on a GPU)
+left unquantized, and a model reward replaced by the same
 reward code on a tiny random-weight twin of its model (aesthetic, PickScore) or by a model-free
 one. Every memory lever (8-bit AdamW, half base, gradient
 checkpointing, attention, offloads, VAE slicing, micro-batches, timestep chunks), the
@@ -19,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_rewards_models import published_head_state, save_tiny_clip
 
-from ddpo_lite.bench.estimate import is_sdxl
+from ddpo_lite.bench.estimate import is_sd3, is_sdxl
 from ddpo_lite.cli import main
 from ddpo_lite.config import Config, list_presets, load_config
 
@@ -48,17 +50,27 @@ def clip_twin(tmp_path_factory):
 def rehearsal_overrides(config: Config, twins: dict) -> list[str]:
     """What a CPU rehearsal changes: the model, the sizes, fp16 and model rewards. Nothing else."""
     s, t = config.sample, config.train
+    tiny = "tiny-sd3" if is_sd3(config) else "tiny-sdxl" if is_sdxl(config) else "tiny"
+    steps = min(s.num_steps, 3)
     sets = [
-        f'model.name="{"tiny-sdxl" if is_sdxl(config) else "tiny"}"',
+        f'model.name="{tiny}"',
         "sample.resolution=0",  # the tiny model's own 32 px
         "num_epochs=2",
-        f"sample.num_steps={min(s.num_steps, 3)}",
+        f"sample.num_steps={steps}",
         f"sample.batch_size={max(2, s.group_size)}",
         "sample.num_batches_per_epoch=2",
         f"train.batch_size={min(t.batch_size, 2)}",
         f"train.gradient_accumulation={min(t.gradient_accumulation, 2)}",
         "memory.cpu=true",
     ]
+    if s.sde_window_size:
+        window = min(s.sde_window_size, steps)
+        sets += [
+            f"sample.sde_window_size={window}",
+            f"sample.sde_window_range={min(s.sde_window_range, steps - window + 1)}",
+        ]
+    if config.memory.quantize_base in ("nf4", "int8"):
+        sets.append('memory.quantize_base="none"')  # diffusers' bitsandbytes quantizer: GPU only
     if config.memory.mixed_precision == "fp16":
         sets.append('memory.mixed_precision="bf16"')  # CPU autocast is bf16
     if config.memory.use_8bit_adam:
@@ -118,5 +130,7 @@ def test_every_preset_runs_as_shipped(preset, tmp_path, aesthetic_twin, clip_twi
     lora = out / "lora"
     assert _cli("sample", "--lora", lora, "--prompt", "a cat", "--num", 1, "--output", shots) == 0
     assert len(list(shots.glob("*.png"))) >= 1
+    if is_sd3(shipped):  # the ComfyUI export of a transformer LoRA is issue 17 item 7: not yet
+        return
     assert _cli("export", lora, "--output", tmp_path / "kohya.safetensors") == 0
     assert len(load_file(tmp_path / "kohya.safetensors")) > 0

@@ -51,8 +51,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        help=f"replace model.name; '{SD15_RANDOM}' / 'sdxl-random' build SD 1.5 / SDXL with "
-        "random weights from their published configs (offline)",
+        help=f"replace model.name; '{SD15_RANDOM}' / 'sdxl-random' / 'sd35-random' build SD 1.5 "
+        "/ SDXL / SD3.5 Medium with random weights from their published configs (offline)",
     )
     parser.add_argument(
         "--resolution",
@@ -91,7 +91,7 @@ def _config(args) -> Config:
         raise ConfigError(f"--epochs {args.epochs} is invalid: give at least 1")
     # the latent is 1/8 of the image; diffusers' UNet takes any latent size (it passes the skip
     # connections' sizes to its upsamplers), so the image side is a multiple of 8 (sd15.py checks it)
-    random_model = args.model in (SD15_RANDOM, "sdxl-random")
+    random_model = args.model in (SD15_RANDOM, "sdxl-random", "sd35-random")
     if (
         random_model
         and args.resolution is not None
@@ -142,6 +142,10 @@ def build_pipeline(config: Config, resolution: int | None):
         from ddpo_lite.bench.sdxl import build_sdxl_pipeline
 
         return build_sdxl_pipeline(resolution=size or 1024)
+    if config.model.name == "sd35-random":
+        from ddpo_lite.bench.sd3 import build_sd3_pipeline
+
+        return build_sd3_pipeline(resolution=size or 1024, t5=not config.memory.drop_t5)
     from ddpo_lite.models import load_pipeline
 
     return load_pipeline(config.model.name, seed=config.model.seed)

@@ -7,7 +7,9 @@ total, `peak` its maximum. Tensors that existed before the mode (weights, a traj
 added with `register`. The same pattern as torch.distributed._tools.mem_tracker, without its
 per-module bookkeeping.
 
-On the meta device two things differ from a GPU run, and `MetaAutocast` puts them back:
+On the meta device a tensor has no value: under the counter a scalar read of a meta tensor
+(`bool(...)`, `.item()`) is 0 / False. Two more things differ from a GPU run, and
+`MetaAutocast` puts them back:
 
 - autocast does nothing without CUDA, so it is emulated as a TorchFunctionMode (above autograd,
   where real autocast sits): matmul/conv/linear/attention inputs are cast to the autocast dtype,
@@ -47,12 +49,18 @@ class MemoryCounter(TorchDispatchMode):
     `device_type`: count only storages on that device type (None: every device).
     `round_to`: round each storage up to a multiple of this many bytes (512 mimics the CUDA
     caching allocator's smallest block; 1 counts exact bytes).
+    `ignore_dtypes`: storages of these dtypes are not counted (the estimate ignores float8:
+    only layerwise casting's cast back to its fp8 storage makes them, and that storage is the
+    resident weight, counted once outside the counter).
     """
 
-    def __init__(self, device_type: str | None = None, round_to: int = 1):
+    def __init__(
+        self, device_type: str | None = None, round_to: int = 1, ignore_dtypes: tuple = ()
+    ):
         super().__init__()
         self.device_type = device_type
         self.round_to = round_to
+        self.ignore_dtypes = tuple(ignore_dtypes)
         self.current = 0
         self.peak = 0
         self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -63,7 +71,7 @@ class MemoryCounter(TorchDispatchMode):
     def _add(self, tensor: torch.Tensor) -> None:
         if self.device_type is not None and tensor.device.type != self.device_type:
             return
-        if tensor.layout != torch.strided:
+        if tensor.layout != torch.strided or tensor.dtype in self.ignore_dtypes:
             return
         storage = tensor.untyped_storage()
         if storage in self._seen:
@@ -86,6 +94,10 @@ class MemoryCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            # a meta tensor has no value: a data-dependent check (`bool((std <= 0).any())` in
+            # the flow sampler) reads as 0 / False, the branch a real run takes
+            return args[0].dtype.is_floating_point and 0.0 or 0
         out = func(*args, **kwargs)
         # a view or in-place result shares an input's storage: it allocated nothing (also when
         # the input predates the counter and was never registered, e.g. a weight's .t())

@@ -29,7 +29,16 @@ Assumptions (stated in every estimate):
   outside PyTorch's allocator) is added when checking a card's budget;
 - 8-bit AdamW as bitsandbytes keeps it: uint8 moments + a float32 absmax per 256-element block for
   tensors of >= 4096 elements, float32 moments below that; torch AdamW: two float32 moments;
-- kernel workspaces (cuBLAS, cuDNN) are not tensors and are not counted.
+- kernel workspaces (cuBLAS, cuDNN) are not tensors and are not counted;
+- a quantized frozen denoiser (memory.quantize_base): bitsandbytes cannot quantize meta
+  tensors, so NF4 / int8 Linear weights are counted by formula (held against bitsandbytes' own
+  storage in tests/test_bench_sd3.py) with one dequantized layer as a transient; fp8 layerwise
+  casting runs on the meta model as it runs on a GPU.
+
+The flow-matching transformers (SD3) go through the same paths with the family's denoiser, the
+trainer's flow sampler (`make_sampler`) and the family's conditioning shapes; a trajectory
+holds only its SDE window's steps (and the final latent), and CFG-free sampling (guidance 1)
+calls the transformer on batch 1, not 2.
 """
 
 from __future__ import annotations
@@ -70,6 +79,10 @@ ASSUMPTIONS = [
     "8-bit AdamW: uint8 moments + fp32 absmax per 256 elements for tensors >= 4096 elements, "
     "fp32 moments below",
     "cuBLAS/cuDNN workspaces not counted",
+    "memory.quantize_base nf4/int8: Linear weights counted at bitsandbytes' stored size (NF4 "
+    "with double quantization ~0.52 B/weight; LLM.int8 1 B + a float32 scale per row), plus one "
+    "layer dequantized to the compute dtype as a transient; fp8: diffusers' layerwise casting "
+    "run on the meta model (each layer's upcast copy counted)",
 ]
 
 
@@ -129,7 +142,8 @@ class Estimate:
 class MetaModels:
     """A run's accelerator-side models on the meta device, with the config's levers applied."""
 
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
+    """The model that carries the LoRA: the UNet (SD 1.x, SDXL) or the transformer (SD3)."""
     vae: torch.nn.Module
     text_encoders: list[torch.nn.Module]
     reward: torch.nn.Module | None
@@ -144,10 +158,23 @@ class MetaModels:
     """The reward's text tower, for the CLIP-pair rewards (CLIPScore, PickScore, HPS): weights
     only (its forward on 77 tokens is small)."""
     note: str = ""
+    pipe: object = None
+    """The meta-device pipeline (the flow sampler reads its scheduler and shift from it)."""
+    latent_shape: tuple[int, ...] = ()
+    """One sample's latent, (C, h, w)."""
+    quantize: str = "none"
+    """memory.quantize_base as the models were built: nf4 / int8 are accounted by formula (the
+    meta model keeps half-precision Linear weights; bitsandbytes cannot quantize meta tensors),
+    fp8 is real (diffusers' layerwise casting on the meta model)."""
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser under its SD 1.x name."""
+        return self.denoiser
 
 
 #: Rewards that run no model on the accelerator.
-CPU_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
+CPU_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "ocr")  # ocr: RapidOCR's ONNX, CPU
 #: Rewards whose model is a CLIP ViT-H/14 (the others are counted as a ViT-L/14).
 VIT_H_REWARDS = ("pickscore", "hps")
 #: Rewards that hold a CLIP text tower beside the vision one.
@@ -187,23 +214,48 @@ def is_sdxl(config: Config) -> bool:
     return config.model.family == "sdxl" or "sdxl" in name or "-xl-" in name
 
 
+def is_sd3(config: Config) -> bool:
+    """Whether the config names an SD3 / SD3.5 model (by family, or by a name the estimate
+    knows: sd35-random, stabilityai/stable-diffusion-3*, tiny-sd3)."""
+    name = config.model.name.lower()
+    return (
+        config.model.family == "sd3"
+        or "sd3" in name
+        or "sd35" in name
+        or "stable-diffusion-3" in name
+    )
+
+
+#: The tiny offline models: built for real, then moved to the meta device.
+TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3")
+
+
 def build_meta_models(config: Config, resolution: int | None = None) -> MetaModels:
     """The config's pipeline and reward model on the meta device, levers applied, LoRA on.
     `resolution` (pixels) applies to the published-architecture models (default: the config's
-    `sample.resolution`, else 512 for SD 1.x and 1024 for SDXL); the tiny models have their own
-    (32)."""
+    `sample.resolution`, else 512 for SD 1.x and 1024 for SDXL and SD3.5); the tiny models have
+    their own (32)."""
     from ddpo_lite.families import family_of
     from ddpo_lite.models.lora import attach_lora
     from ddpo_lite.models.memory import apply_memory_settings
 
     name = config.model.name
+    memory = config.memory
     note = ""
-    if name.split(":")[0] in ("tiny", "tiny-sdxl"):
+    if name.split(":")[0] in TINY_MODELS:
         from ddpo_lite.models import load_pipeline
 
         pipe = load_pipeline(name, seed=config.model.seed)
-        for model in (pipe.unet, pipe.vae, *family_of(pipe).text_encoders(pipe)):
+        family = family_of(pipe)
+        for model in (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe)):
             model.to("meta")
+    elif is_sd3(config):
+        from ddpo_lite.bench.sd3 import SD35_RANDOM, build_sd3_pipeline
+
+        resolution = resolution or config.sample.resolution or 1024
+        pipe = build_sd3_pipeline(resolution=resolution, device="meta", t5=not memory.drop_t5)
+        if name != SD35_RANDOM:
+            note = f"model {name!r} estimated with SD3.5 Medium's published architecture"
     elif is_sdxl(config):
         from ddpo_lite.bench.sdxl import SDXL_RANDOM, build_sdxl_pipeline
 
@@ -223,20 +275,18 @@ def build_meta_models(config: Config, resolution: int | None = None) -> MetaMode
             )
     family = family_of(pipe)
     text_encoders = family.text_encoders(pipe)
+    denoiser = family.denoiser(pipe)
     # the levers, exactly as the trainer applies them; xformers is counted as SDPA's
     # memory-efficient kernel (it is one), so the estimate does not need xformers installed
-    memory = config.memory
     if memory.attention == "xformers":
         memory = dataclasses.replace(memory, attention="sdpa")
     meta = torch.device("meta")
     apply_memory_settings(pipe, memory, meta)
     if memory.gradient_checkpointing:  # recompute under the emulated autocast too
-        pipe.unet.enable_gradient_checkpointing(
-            gradient_checkpointing_func=checkpoint_with_autocast
-        )
+        denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_autocast)
     for encoder in text_encoders:
         encoder.to(meta)
-    params = attach_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+    params = attach_lora(denoiser, config.lora.rank, config.lora.alpha, config.lora.target_modules)
 
     reward = None
     reward_names = _reward_names(config)
@@ -268,9 +318,9 @@ def build_meta_models(config: Config, resolution: int | None = None) -> MetaMode
     others = [r for r in model_rewards if r not in (exact if model_rewards else ())]
     if others:
         note += f"{'; ' if note else ''}reward(s) {others} estimated as a {vision}"
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = family.native_resolution(pipe)
     return MetaModels(
-        unet=pipe.unet,
+        denoiser=denoiser,
         vae=pipe.vae,
         text_encoders=text_encoders,
         reward=reward,
@@ -281,6 +331,9 @@ def build_meta_models(config: Config, resolution: int | None = None) -> MetaMode
         resolution=resolution,
         family=family,
         note=note,
+        pipe=pipe,
+        latent_shape=tuple(family.latent_shape(pipe, 1, resolution)[1:]),
+        quantize=memory.quantize_base,
     )
 
 
@@ -306,12 +359,16 @@ def _rounded(nbytes: int) -> int:
     return math.ceil(nbytes / CUDA_BLOCK) * CUDA_BLOCK
 
 
-def trajectory_bytes(num_samples: int, num_steps: int, latent_shape, cond_row_bytes: list[int]):
+def trajectory_bytes(
+    num_samples: int, num_steps: int, latent_shape, cond_row_bytes: list[int], final: bool = False
+):
     """Bytes a `Trajectory` of `num_samples` holds (latents and actions stay float32);
-    `cond_row_bytes`: one sample's bytes of each conditioning tensor (prompt_embeds, ...)."""
+    `cond_row_bytes`: one sample's bytes of each conditioning tensor (prompt_embeds, ...);
+    `final`: it keeps the final latent beside the chain (an SDE window)."""
     elements = math.prod(latent_shape)
     return (
-        _rounded(num_samples * (num_steps + 1) * elements * 4)  # the chain x_T .. x_0
+        (_rounded(num_samples * elements * 4) if final else 0)
+        + _rounded(num_samples * (num_steps + 1) * elements * 4)  # the chain x_T .. x_0
         + _rounded(num_samples * num_steps * 8)  # timesteps (long)
         + _rounded(num_samples * num_steps * 4)  # log_probs
         + sum(_rounded(num_samples * row) for row in cond_row_bytes)  # the conditioning
@@ -319,14 +376,79 @@ def trajectory_bytes(num_samples: int, num_steps: int, latent_shape, cond_row_by
     )
 
 
+#: bitsandbytes NF4 as diffusers' BitsAndBytesConfig builds it here (bnb_4bit_use_double_quant, as
+#: QLoRA): 4-bit codes two to a byte, a uint8 absmax per 64 weights, the absmax's own float32
+#: scale per 256 of them, and per layer the 256-entry float32 code book of that nested step, the
+#: 16 NF4 levels (float32) and a float32 offset (bitsandbytes 0.50's QuantState, measured).
+NF4_BLOCK = 64
+NF4_NESTED_BLOCK = 256
+
+
+def quantized_layers(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The Linear layers diffusers' bitsandbytes quantizer replaces (every `nn.Linear` of the
+    model: `replace_with_bnb_linear` with no module kept back for SD3 or the UNets), without
+    the LoRA's own (added after quantization, kept in float32)."""
+    return [
+        (name, module)
+        for name, module in denoiser.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and not any(part.startswith("lora_") for part in name.split("."))
+    ]
+
+
+def quantized_weight_bytes(weight: torch.Tensor, kind: str) -> int:
+    """Bytes of one Linear weight (out, in) stored by bitsandbytes as `kind`."""
+    n = weight.numel()
+    if kind == "nf4":
+        blocks = math.ceil(n / NF4_BLOCK)
+        nested = math.ceil(blocks / NF4_NESTED_BLOCK)
+        return math.ceil(n / 2) + blocks + 4 * nested + 4 * 256 + 4 * 16 + 4
+    if kind == "int8":  # LLM.int8: int8 weight + a float32 scale per output row (SCB)
+        return n + 4 * weight.shape[0]
+    raise ValueError(f"no bitsandbytes storage for {kind!r}")
+
+
+def denoiser_bytes(models: MetaModels) -> int:
+    """The denoiser's resident bytes: its parameters and buffers as stored, with the Linear
+    weights at their bitsandbytes size under memory.quantize_base 'nf4' / 'int8' (biases stay
+    in the half dtype, as bitsandbytes keeps them); 'fp8' is already in the meta model."""
+    total = module_bytes(models.denoiser)
+    if models.quantize not in ("nf4", "int8"):
+        return total
+    for _, layer in quantized_layers(models.denoiser):
+        weight = layer.weight
+        total += quantized_weight_bytes(weight, models.quantize)
+        total -= weight.numel() * weight.element_size()
+    return total
+
+
+def dequantized_layer_bytes(models: MetaModels, config: Config) -> int:
+    """A transient the meta model cannot show: bitsandbytes dequantizes one layer's weight to
+    the compute dtype for its matmul (forward, and again for the input gradient in backward);
+    the largest such layer, 0 without an nf4 / int8 base."""
+    if models.quantize not in ("nf4", "int8"):
+        return 0
+    compute = _autocast_dtype(config) or torch.float32
+    size = torch.empty((), dtype=compute).element_size()
+    largest = max(
+        (layer.weight.numel() for _, layer in quantized_layers(models.denoiser)), default=0
+    )
+    return _rounded(largest * size)
+
+
 # ---------------------------------------------------------------------------------------------
 # transients, counted on the meta device
 # ---------------------------------------------------------------------------------------------
 
 
+#: Storage dtypes of layerwise casting (memory.quantize_base = 'fp8'); never an activation's.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _counted(fn) -> int:
-    """Peak bytes allocated while `fn` runs (what existed before is not counted)."""
-    with MemoryCounter(round_to=CUDA_BLOCK) as counter:
+    """Peak bytes allocated while `fn` runs (what existed before is not counted; nor are fp8
+    storages, which only layerwise casting's cast back to the resident weight makes)."""
+    with MemoryCounter(round_to=CUDA_BLOCK, ignore_dtypes=FP8_DTYPES) as counter:
         fn()
     return counter.peak
 
@@ -337,8 +459,16 @@ def _autocast_dtype(config: Config) -> torch.dtype | None:
 
 
 def _cond(models: MetaModels, batch: int):
-    """Empty conditioning of the family's shapes, in the text encoders' dtype."""
-    return models.family.empty_cond(models.text_encoders, batch, "meta", _embed_dtype(models))
+    """Empty conditioning of the family's shapes, in the text encoders' dtype. An SD3 model
+    without T5 pads its text tokens to the transformer's `joint_attention_dim` (the pipeline's
+    zeros in T5's place), which the family's `empty_cond` takes as T5-XXL's 4096: the estimate
+    reads the width from the transformer (the tiny SD3 model's is 64)."""
+    cond = models.family.empty_cond(models.text_encoders, batch, "meta", _embed_dtype(models))
+    width = getattr(models.denoiser.config, "joint_attention_dim", None)
+    embeds = cond.tensors["prompt_embeds"]
+    if width is not None and embeds.shape[-1] != width:
+        cond.tensors["prompt_embeds"] = embeds.new_empty(*embeds.shape[:-1], width)
+    return cond
 
 
 def _cond_row_bytes(models: MetaModels) -> list[int]:
@@ -349,26 +479,25 @@ def _embed_dtype(models: MetaModels) -> torch.dtype:
     return next(models.text_encoders[-1].parameters()).dtype
 
 
-def _latent_shape(models: MetaModels) -> tuple[int, int, int]:
-    size = models.unet.config.sample_size
-    return (models.unet.config.in_channels, size, size)
+def _latent_shape(models: MetaModels) -> tuple[int, ...]:
+    return models.latent_shape
 
 
 def sampling_step_peak(models: MetaModels, config: Config, batch: int) -> int:
-    """One denoising step of `batch` images (CFG doubles the UNet batch), as `rollout` runs it."""
-    scheduler = _scheduler(models, config)
-    policy = _meta_policy(models, config, scheduler)
+    """One denoising step of `batch` images (CFG doubles the model batch), as `rollout` runs
+    it, plus one dequantized layer where the base is bitsandbytes-quantized."""
+    policy = _meta_policy(models, config)
     latents = torch.empty(batch, *_latent_shape(models), device="meta")
     cond = _cond(models, batch)
-    negative = _cond(models, 1) if config.sample.guidance_scale > 1 else None
-    t = scheduler.timesteps[0]
+    negative = _cond(models, 1) if policy.guided else None
+    t = policy.sampler.timesteps[0]
 
     @torch.no_grad()
     def step():
         output = policy.predict(latents, t, cond, negative)
         policy.sampler.step(output, t, latents)
 
-    return _counted(step)
+    return _counted(step) + dequantized_layer_bytes(models, config)
 
 
 def decode_peak(models: MetaModels, batch: int) -> int:
@@ -389,14 +518,21 @@ def decode_peak(models: MetaModels, batch: int) -> int:
 
 def encode_peak(models: MetaModels, batch: int) -> int:
     """The text encoders on `batch` prompts, one after the other, each one's output kept (the
-    prompt encoder's preload batches of <= 64)."""
-    length = models.text_encoders[0].config.max_position_embeddings
-    ids = torch.zeros(batch, length, dtype=torch.long).to("meta")
+    prompt encoder's preload batches of <= 64). CLIPs read 77 tokens, T5 the pipeline's 256."""
+    from ddpo_lite.bench.sd3 import T5_MAX_SEQUENCE_LENGTH
+
+    def ids(encoder) -> torch.Tensor:
+        length = getattr(encoder.config, "max_position_embeddings", T5_MAX_SEQUENCE_LENGTH)
+        return torch.zeros(batch, length, dtype=torch.long).to("meta")
 
     @torch.no_grad()
     def encode():
         with autocast_factory(None)():
-            outputs = [encoder(ids, output_hidden_states=True) for encoder in models.text_encoders]
+            # the CLIPs' penultimate states are read (all hidden states kept); T5's last only
+            outputs = [
+                e(ids(e), output_hidden_states=hasattr(e.config, "max_position_embeddings"))
+                for e in models.text_encoders
+            ]
             del outputs
 
     return _counted(encode)
@@ -418,37 +554,61 @@ def reward_peak(models: MetaModels, batch: int) -> int:
     return _counted(score)
 
 
-def _scheduler(models: MetaModels, config: Config):
-    from diffusers import DDIMScheduler
+def _sampler(models: MetaModels, config: Config):
+    """The run's sampler (the trainer's `make_sampler`) with a noise level > 0, so that a
+    step has its log-probability even where the config samples deterministically."""
+    from ddpo_lite.trainer import make_sampler
 
-    scheduler = DDIMScheduler.from_config(models.scheduler.config)
-    scheduler.set_timesteps(config.sample.num_steps)
-    return scheduler
+    sampler = make_sampler(models.pipe, models.family, config, models.resolution, "cpu")
+    return dataclasses.replace(sampler, eta=max(sampler.eta, 1e-3))
 
 
-def _meta_policy(models: MetaModels, config: Config, scheduler):
-    """The run's policy over the meta-device models (no pipeline, no prompt encoder: the
-    estimate feeds embeddings of the right shape itself)."""
+def _meta_policy(models: MetaModels, config: Config):
+    """The run's policy over the meta-device models (no prompt encoder: the estimate feeds
+    embeddings of the right shape itself)."""
     from ddpo_lite.policy import Policy
-    from ddpo_lite.samplers.ddim import DDIMSampler
 
     return Policy(
         family=models.family,
-        pipe=None,
-        denoiser=models.unet,
-        sampler=DDIMSampler(scheduler, max(config.sample.eta, 1e-3)),
+        pipe=models.pipe,
+        denoiser=models.denoiser,
+        sampler=_sampler(models, config),
         encoder=None,
         guidance_scale=config.sample.guidance_scale,
         autocast=autocast_factory(_autocast_dtype(config)),
+        resolution=models.resolution,
     )
 
 
+def recorded_steps(config: Config, models: MetaModels | None = None) -> int:
+    """Steps a trajectory records: the SDE window's, else every stochastic step (all of them;
+    CPS's last step has no noise); 0 for the trajectory-free algorithms."""
+    sample = config.sample
+    if config.train.algorithm in TRAJECTORY_FREE:
+        return 0
+    if sample.sde_window_size:
+        return sample.sde_window_size
+    flow = models is not None and models.family.sampler == "flow"
+    return sample.num_steps - (1 if flow and sample.flow_sampler == "cps" else 0)
+
+
+def keeps_final(config: Config) -> bool:
+    """Whether the trajectory holds the final latent beside its chain (an SDE window that may
+    end before the last step, or CPS's deterministic last step)."""
+    sample = config.sample
+    if config.train.algorithm in TRAJECTORY_FREE:
+        return False
+    return bool(sample.sde_window_size) or sample.flow_sampler == "cps"
+
+
 def train_shape(config: Config) -> tuple[int, int, int]:
-    """(samples per backward, timesteps per backward, timesteps trained per sample)."""
+    """(samples per backward, timesteps per backward, timesteps trained per sample); the
+    timesteps come from the recorded ones (an SDE window's only)."""
     train = config.train
     micro = getattr(train, "micro_batch_size", 0) or train.batch_size
     micro = min(micro, train.batch_size)
-    k = max(1, int(config.sample.num_steps * train.timestep_fraction))
+    steps = config.sample.sde_window_size or config.sample.num_steps
+    k = max(1, int(steps * train.timestep_fraction))
     chunk = train.timestep_chunk if 0 < train.timestep_chunk < k else k
     return micro, chunk, k
 
@@ -459,19 +619,22 @@ def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk:
     from ddpo_lite.sampling import Trajectory
     from ddpo_lite.update import UpdateSettings, chunk_loss
 
-    scheduler = _scheduler(models, config)
-    policy = _meta_policy(models, config, scheduler)
-    n = config.sample.num_steps
+    policy = _meta_policy(models, config)
+    # the flow sampler looks its sigmas up by step index: those indices stay on the CPU (a meta
+    # index has no value); the DDIM sampler's timesteps are arithmetic, on meta as the latents
+    index_device = "cpu" if models.family.sampler == "flow" else "meta"
+    n = max(recorded_steps(config, models), chunk)
     latent = _latent_shape(models)
     batch = Trajectory(
         chain=torch.empty(samples, n + 1, *latent, device="meta"),
-        timesteps=scheduler.timesteps.repeat(samples, 1).to("meta"),
+        timesteps=policy.sampler.timesteps[:n].repeat(samples, 1).to(index_device),
         log_probs=torch.empty(samples, n, device="meta"),
         cond=_cond(models, samples),
-        negative=_cond(models, 1) if config.sample.guidance_scale > 1 else None,
+        negative=_cond(models, 1) if policy.guided else None,
         prompt_ids=torch.zeros(samples, dtype=torch.long, device="meta"),
+        final=torch.empty(samples, *latent, device="meta") if keeps_final(config) else None,
     )
-    cols = torch.arange(chunk).repeat(samples, 1).to("meta")
+    cols = torch.arange(chunk).repeat(samples, 1).to(index_device)
     weights = torch.empty(samples, device="meta")
     valid = torch.ones(samples, dtype=torch.bool, device="meta")
     settings = UpdateSettings(
@@ -481,12 +644,12 @@ def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk:
     )
     for p in models.lora_params:
         p.grad = torch.empty_like(p)
-    models.unet.train()
+    models.denoiser.train()
 
     def forward_backward():
         loss, _ = chunk_loss(
             policy,
-            models.unet,
+            models.denoiser,
             batch,
             cols,
             weights,
@@ -497,9 +660,9 @@ def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk:
         loss.backward()
 
     try:
-        return _counted(forward_backward)
+        return _counted(forward_backward) + dequantized_layer_bytes(models, config)
     finally:
-        models.unet.eval()
+        models.denoiser.eval()
         for p in models.lora_params:
             p.grad = None
 
@@ -563,15 +726,18 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
     """Phase peaks from resident bytes (by formula) and transients (counted). `models` must have
     the levers of `config` that change the models (dtype, attention, checkpointing, slicing)."""
     memory, sample, train = config.memory, config.sample, config.train
-    unet = module_bytes(models.unet)  # base weights + LoRA parameters
+    denoiser = denoiser_bytes(models)  # base weights (quantized where asked) + LoRA parameters
     vae = module_bytes(models.vae)
     text = sum(module_bytes(encoder) for encoder in models.text_encoders)
     reward = module_bytes(models.reward) + module_bytes(models.reward_text)
     adam = adam_state_bytes(models.lora_params, memory.use_8bit_adam)
     grads = sum(_rounded(p.numel() * 4) for p in models.lora_params)
 
-    resident = {"unet_weights+lora": unet, "vae_weights": vae, "adam_state": adam}
-    if not memory.offload_text_encoder:
+    weights_name = f"{models.family.denoiser_name}_weights+lora"
+    if models.quantize != "none":
+        weights_name += f" ({models.quantize} base)"
+    resident = {weights_name: denoiser, "vae_weights": vae, "adam_state": adam}
+    if not (memory.offload_text_encoder or memory.encode_on_cpu):
         resident["text_encoder_weights"] = text
     if not memory.offload_reward and reward:
         resident["reward_weights"] = reward
@@ -579,18 +745,26 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
 
     cond_rows = _cond_row_bytes(models)
     latent = _latent_shape(models)
-    # NFT / AWM keep no chain: the final latents alone (a chain of 0 steps)
-    steps = 0 if train.algorithm in TRAJECTORY_FREE else sample.num_steps
-    per_batch = trajectory_bytes(sample.batch_size, steps, latent, cond_rows)
+    # NFT / AWM keep no chain: the final latents alone (a chain of 0 steps); an SDE window
+    # keeps its steps and the final latent
+    steps, final = recorded_steps(config, models), keeps_final(config)
+    per_batch = trajectory_bytes(sample.batch_size, steps, latent, cond_rows, final)
     epoch_traj = per_batch * sample.num_batches_per_epoch
 
-    # run start: the prompt encoder encodes the prompt list in batches of <= 64
-    visit = text if memory.offload_text_encoder else 0
-    encode_t = transients.encode(min(64, _num_prompts(config)))
-    encoding = PhaseEstimate(
-        base + visit + encode_t,
-        {**resident, "text_encoder_visit": visit, "transient (text encoder forward)": encode_t},
-    )
+    # run start: the prompt encoder encodes the prompt list in batches of <= 64 (on the CPU
+    # with encode_on_cpu: then only the embeddings arrive)
+    if memory.encode_on_cpu:
+        arrived = min(64, _num_prompts(config)) * sum(cond_rows)
+        encoding = PhaseEstimate(
+            base + arrived, {**resident, "embeddings from the CPU encoders": arrived}
+        )
+    else:
+        visit = text if memory.offload_text_encoder else 0
+        encode_t = transients.encode(min(64, _num_prompts(config)))
+        encoding = PhaseEstimate(
+            base + visit + encode_t,
+            {**resident, "text_encoder_visit": visit, "transient (text encoder forward)": encode_t},
+        )
 
     # sampling: each candidate is (what is held besides `resident`) + a transient
     candidates = {
@@ -628,7 +802,7 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
     step_samples = min(train.gradient_accumulation * train.batch_size, epoch_samples)
     if train.algorithm in ONE_STEP_ALGORITHMS:  # one optimizer step gathers the whole epoch
         step_samples = epoch_samples
-    gathered = trajectory_bytes(step_samples, steps, latent, cond_rows)
+    gathered = trajectory_bytes(step_samples, steps, latent, cond_rows, final)
     train_t = transients.training(micro, chunk)
     training = PhaseEstimate(
         base + epoch_traj + gathered + grads + train_t,

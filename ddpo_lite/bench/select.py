@@ -8,9 +8,11 @@ A config that already fits is returned as it is. Otherwise the levers are tried 
    embeddings are cached); VAE slicing;
 2. then, in this order, until one fits: gradient checkpointing and the reward offload as the
    config has them; the reward model off the accelerator between calls (a transfer per sampling
-   batch); gradient checkpointing on (about a third more training compute); both. At each of
-   these the largest forward+backward (samples x timesteps, a binary search over micro-batch and
-   timestep chunk) that fits is taken.
+   batch); gradient checkpointing on (about a third more training compute); both; then the
+   frozen denoiser in NF4 (memory.quantize_base, a GPU with bitsandbytes: slower matmuls, a
+   slightly different base); then the text encoders run on the CPU (memory.encode_on_cpu: a
+   slower setup, nothing per step). At each of these the largest forward+backward (samples x
+   timesteps, a binary search over micro-batch and timestep chunk) that fits is taken.
 
 A lever the config has on is never turned off. A config fits when its predicted device memory
 (peak allocated x (1 + allocator overhead) + the CUDA context, see estimate.py) is at most the
@@ -92,9 +94,18 @@ class _Search:
 
 
 def _model_levers(config: Config) -> tuple:
-    """The levers that change the models themselves (the rest only change the accounting)."""
+    """The levers that change the models themselves (the rest only change the accounting);
+    gradient checkpointing is the fourth (the inference-only transients are shared across it)."""
     m = config.memory
-    return (m.mixed_precision, m.half_base, m.attention, m.gradient_checkpointing, m.vae_slicing)
+    return (
+        m.mixed_precision,
+        m.half_base,
+        m.attention,
+        m.gradient_checkpointing,
+        m.vae_slicing,
+        m.quantize_base,
+        m.drop_t5,
+    )
 
 
 def _describe(old: Config, new: Config) -> list[str]:
@@ -161,6 +172,15 @@ def select_for_vram(config: Config, vram_gb: float) -> tuple[Config, str]:
                 step.memory.gradient_checkpointing = checkpointing
                 step.memory.offload_reward = offload_reward
                 ladder.append(step)
+    # 5-6. the quantized base, then the text encoders on the CPU (every step above kept on)
+    if config.memory.quantize_base == "none":
+        step = copy.deepcopy(ladder[-1])
+        step.memory.quantize_base = "nf4"
+        ladder.append(step)
+    if not config.memory.encode_on_cpu:
+        step = copy.deepcopy(ladder[-1])
+        step.memory.encode_on_cpu = True
+        ladder.append(step)
     searches: dict[tuple, _Search] = {_model_levers(config): current}
     shared: dict[tuple, dict] = {}
 

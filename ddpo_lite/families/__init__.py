@@ -38,6 +38,9 @@ class Cond:
     def __len__(self) -> int:
         return next(iter(self.tensors.values())).shape[0]
 
+    def to(self, device) -> Cond:
+        return Cond({k: v.to(device) for k, v in self.tensors.items()})
+
     def index(self, rows: torch.Tensor | slice) -> Cond:
         return Cond({k: v[rows] for k, v in self.tensors.items()})
 

@@ -57,6 +57,7 @@ def load_pipeline(
     seed: int = 0,
     torch_dtype: torch.dtype | None = None,
     family: str = "auto",
+    memory=None,
 ):
     """Load a pipeline with a DDIM scheduler and progress bars off.
 
@@ -77,6 +78,9 @@ def load_pipeline(
     Any other scheduler is replaced by ``DDIMScheduler.from_config`` of its config (DDPO's policy
     is the DDIM step). The safety checker is never loaded.
 
+    ``memory`` (a `MemoryConfig`) applies the load-time levers: ``quantize_base`` 'nf4' / 'int8'
+    (the denoiser through diffusers' BitsAndBytesConfig, `load_options`) and ``drop_t5``.
+
     Raises:
         ModelLoadError: the model could not be found or loaded; the message is one line.
     """
@@ -85,6 +89,8 @@ def load_pipeline(
         kwargs["torch_dtype"] = torch_dtype
 
     name = str(name_or_path).strip()
+    if memory is not None:
+        kwargs.update(load_options(memory))
     tiny = _TINY_RE.fullmatch(name)
     tiny_xl = _TINY_SDXL_RE.fullmatch(name)
     path = Path(name).expanduser()
@@ -135,6 +141,84 @@ def load_pipeline(
         pipe.scheduler = ddim_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_bitsandbytes(kind: str) -> None:
+    """`ModelLoadError` (one line) unless diffusers' bitsandbytes quantizer can run `kind` here:
+    bitsandbytes installed, and a CUDA GPU (diffusers refuses to quantize without one, although
+    bitsandbytes itself runs 4- and 8-bit layers on a CPU)."""
+    import importlib.util
+
+    setting = f"memory.quantize_base = {kind!r}"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"{setting} needs bitsandbytes: pip install bitsandbytes, or use "
+            "memory.quantize_base = 'fp8' (no extra package) or 'none'"
+        )
+    if not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"{setting} cannot run on this device: diffusers' bitsandbytes quantizer needs a "
+            "CUDA GPU and there is none; use memory.quantize_base = 'fp8' (layerwise fp8 storage "
+            "runs anywhere) or 'none'"
+        )
+
+
+def load_options(memory) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments for the load-time memory levers: a
+    PipelineQuantizationConfig quantizing the denoiser alone (NF4 with double quantization and
+    the autocast dtype for compute, as QLoRA; or LLM.int8), the other components loading in the
+    frozen dtype; `drop_t5`: text_encoder_3 and tokenizer_3 as None (checked against the family
+    in `_pipeline_kwargs`)."""
+    from .memory import DTYPES, frozen_dtype
+
+    options: dict[str, Any] = {}
+    kind = getattr(memory, "quantize_base", "none")
+    if kind in ("nf4", "int8"):
+        check_bitsandbytes(kind)
+        from diffusers import BitsAndBytesConfig
+
+        compute = DTYPES[memory.mixed_precision]
+        if kind == "nf4":
+            bnb = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
+            )
+        else:
+            bnb = BitsAndBytesConfig(load_in_8bit=True)
+        options[QUANTIZE_DENOISER] = bnb
+        options["torch_dtype"] = frozen_dtype(memory.mixed_precision, memory.half_base)
+    if getattr(memory, "drop_t5", False):
+        options[DROP_T5] = True
+    return options
+
+
+#: `load_options`' quantization of the denoiser, whose name ("unet" / "transformer") comes with
+#: the family.
+QUANTIZE_DENOISER = "<quantize_denoiser>"
+#: `load_options`' request to leave T5 out (resolved against the family's components).
+DROP_T5 = "<drop_t5>"
+
+
+def _resolve_options(found, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`load_options`' placeholders made concrete for the family `found`."""
+    kwargs = dict(kwargs)
+    quant = kwargs.pop(QUANTIZE_DENOISER, None)
+    if quant is not None:
+        from diffusers.quantizers import PipelineQuantizationConfig
+
+        kwargs["quantization_config"] = PipelineQuantizationConfig(
+            quant_mapping={found.denoiser_name: quant}
+        )
+    if kwargs.pop(DROP_T5, False):
+        if "text_encoder_3" not in getattr(found, "optional_components", ()):
+            raise ModelLoadError(
+                f"memory.drop_t5 applies to SD3 (StableDiffusion3Pipeline without T5); the "
+                f"{found.name} model has no T5 to drop: set memory.drop_t5 = false"
+            )
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    return kwargs
 
 
 def ddim_scheduler(scheduler) -> DDIMScheduler:
@@ -227,6 +311,7 @@ def _check_layout(folder: Path, family: str = "auto"):
 def _pipeline_kwargs(found, kwargs: dict[str, Any], index: dict | None = None) -> dict[str, Any]:
     """SD 1.x pipelines take no safety checker (it is never loaded); SDXL has none. An optional
     component model_index.json leaves out (SD3 without T5) is passed as None, as diffusers needs."""
+    kwargs = _resolve_options(found, kwargs)
     if found.name == "sd1":
         return {"safety_checker": None, "requires_safety_checker": False, **kwargs}
     absent = {
@@ -247,11 +332,10 @@ def _read_index(folder: Path) -> dict:
 
 def _from_folder(folder: Path, kwargs: dict[str, Any], family: str = "auto"):
     found = _check_layout(folder, family)
+    kwargs = _pipeline_kwargs(found, kwargs, _read_index(folder))
     try:
         with quiet_progress_bars():
-            return found.pipeline_class.from_pretrained(
-                folder, **_pipeline_kwargs(found, kwargs, _read_index(folder))
-            )
+            return found.pipeline_class.from_pretrained(folder, **kwargs)
     except Exception as err:
         raise ModelLoadError(
             f"could not load the pipeline in {str(folder)!r}: {_one_line(err)}"

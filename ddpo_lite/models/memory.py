@@ -1,5 +1,12 @@
 """The memory levers applied to a pipeline: dtype of frozen weights, attention backend,
-gradient checkpointing, VAE slicing. Each is one switch of `MemoryConfig`."""
+gradient checkpointing, VAE slicing, a quantized frozen denoiser. Each is one switch of
+`MemoryConfig`.
+
+`memory.quantize_base` 'nf4' / 'int8' is applied at load (`quantization_config`, see
+models/loading.py: diffusers' BitsAndBytesConfig on the denoiser alone); 'fp8' here, after the
+cast, as diffusers' `enable_layerwise_casting` (float8_e4m3fn storage, each layer upcast to the
+autocast dtype for its forward; norms and position embeddings stay as they are). The LoRA added
+afterwards stays float32 (peft wraps the quantized or fp8 layers: QLoRA)."""
 
 from __future__ import annotations
 
@@ -13,6 +20,17 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class MissingDependencyError(RuntimeError):
     """An optional package a setting needs is not installed; the message says how to get it."""
+
+
+#: Storage dtype of memory.quantize_base = 'fp8'.
+FP8_STORAGE = torch.float8_e4m3fn
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether diffusers loaded `model` through a quantizer (bitsandbytes)."""
+    return getattr(model, "hf_quantizer", None) is not None or bool(
+        getattr(model, "is_quantized", False)
+    )
 
 
 def frozen_dtype(mixed_precision: str, half_base: bool) -> torch.dtype:
@@ -50,9 +68,14 @@ def apply_memory_settings(pipe, memory, device: torch.device) -> torch.dtype:
     dtype = frozen_dtype(memory.mixed_precision, memory.half_base)
     text_encoders = family.text_encoders(pipe)
     denoiser = family.denoiser(pipe)
+    quantized = is_quantized(denoiser)  # bitsandbytes at load: its weights keep their dtypes
     for model in (denoiser, pipe.vae, *text_encoders):
         model.requires_grad_(False)
-        model.to(dtype=dtype)
+        if not (model is denoiser and quantized):
+            model.to(dtype=dtype)
+    if memory.quantize_base == "fp8":
+        compute = DTYPES[memory.mixed_precision]
+        denoiser.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=compute)
     if dtype == torch.float16 and family.vae_fp32_in_fp16:
         pipe.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' force_upcast)
     denoiser.to(device)
