@@ -194,14 +194,26 @@ def metrics_before(path: Path, epoch: int) -> list[dict]:
     """The metrics.jsonl rows of the first `epoch` epochs (a resumed run rewrites the rest)."""
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    rows, damaged = [], 0
+    for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except ValueError:  # a line cut short by a crash
+        except ValueError:  # a line cut short by a crash, or edited
+            damaged += int(bool(line.strip()))
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("epoch", 0), int):
+            damaged += 1
             continue
         if row.get("epoch", epoch + 1) <= epoch:  # rows are numbered 1.. (epochs done)
             rows.append(row)
+    if damaged:  # the resumed run rewrites the file: keep what was there, and say so
+        copy = path.with_name(f"{path.name}.damaged")
+        shutil.copyfile(path, copy)
+        warnings.warn(
+            f"{path}: {damaged} line(s) are not metrics rows and are dropped from the resumed "
+            f"history; the file as it was is kept in {copy}",
+            stacklevel=2,
+        )
     return rows
 
 

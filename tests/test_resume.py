@@ -389,3 +389,25 @@ def test_disk_full_stops_in_one_line_and_resume_continues(tmp_path, capsys, monk
     assert json.loads((out / "lora" / "ddpo_lite.json").read_text())["epoch"] == 2
     saved = load_file(latest_checkpoint(out) / "lora" / LORA_WEIGHT_NAME)
     assert all(torch.equal(saved[k], v) for k, v in _lora(out).items())
+
+
+def test_a_damaged_metrics_file_is_kept_and_said_on_resume(tmp_path):
+    """Lines of metrics.jsonl that are not rows (cut short, edited, not JSON) are not dropped in
+    silence: resume warns with their count and keeps the file as it was beside it."""
+    from ddpo_lite.run_files import metrics_before
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"epoch": e, "reward_mean": 0.5}) for e in (1, 2, 3)]
+    path.write_text("\n".join([good[0], '{"epoch": 2, "rew', good[2], "[1, 2]", ""]) + "\n")
+    with pytest.warns(UserWarning, match="2 line.*metrics.jsonl.damaged"):
+        rows = metrics_before(path, 3)
+    assert [row["epoch"] for row in rows] == [1, 3]
+    assert (tmp_path / "metrics.jsonl.damaged").read_text() == path.read_text()
+    path.write_text("\n".join(good) + "\n")  # an intact file: no warning, no copy made anew
+    (tmp_path / "metrics.jsonl.damaged").unlink()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [row["epoch"] for row in metrics_before(path, 2)] == [1, 2]
+    assert not (tmp_path / "metrics.jsonl.damaged").exists()
