@@ -69,11 +69,12 @@ def _train(args: argparse.Namespace) -> int:
         f"done: {len(result.metrics)} epochs, last reward mean {last['reward_mean']:.4f}; "
         f"LoRA in {result.lora_dir}"
     )
-    if args.export == "kohya":
-        from ddpo_lite.export import export_kohya
+    if args.export:  # the file ComfyUI reads for this family (kohya keys for SD 1.x / SDXL)
+        from ddpo_lite.export import default_export_name, export_lora
 
-        path = export_kohya(result.lora_dir, result.output_dir / "lora_kohya.safetensors")
-        _out.print(f"kohya/A1111/ComfyUI LoRA: {path}")
+        name = default_export_name(result.lora_dir)
+        path = export_lora(result.lora_dir, result.output_dir / name)
+        _out.print(f"ComfyUI/A1111 LoRA: {path}")
     return 0
 
 
@@ -288,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--export",
-        choices=["kohya"],
-        help="also write lora_kohya.safetensors (ComfyUI/A1111 keys) at the end",
+        choices=["kohya", "comfyui"],
+        help="also write the file ComfyUI/A1111 read at the end: lora_kohya.safetensors for "
+        "SD 1.x/SDXL, lora_comfyui.safetensors for SD3/FLUX (docs/COMFYUI.md); either name "
+        "picks the family's format",
     )
     train.add_argument(
         "--vram",

@@ -322,8 +322,10 @@ def test_sd3_grpo_trains_resumes_and_its_lora_loads_in_diffusers(tmp_path):
         "train.kl_coef=0.04",
         "log_with=[]",
     ]
-    args = ["train", "--preset", "tiny", "--output", str(out), "--quiet"]
+    args = ["train", "--preset", "tiny", "--output", str(out), "--quiet", "--export", "kohya"]
     assert main([*args, *(x for s in sets for x in ("--set", s))]) == 0
+    comfy = load_file(out / "lora_comfyui.safetensors")  # kohya names do not apply to SD3
+    assert comfy and all(k.startswith("transformer.") for k in comfy)
     assert main(["train", "--resume", str(out), "--quiet", "--set", "num_epochs=3"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
