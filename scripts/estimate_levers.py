@@ -10,7 +10,8 @@ before any GPU has run it. Predictions, not measurements: the estimate's assumpt
 
 A flow-matching transformer preset (SD3) gets its own steps (`FLOW_STEPS`: no attention step,
 its processors are SDPA already; then the quantized base and where the text encoders run), and
-rows marked "instead" replace the step above them rather than add to it.
+rows marked "instead" replace the step above them rather than add to it. The FLUX presets
+(flux-pickscore, flux2-pickscore) take the same steps without drop_t5 (an SD3-only option).
 """
 
 from __future__ import annotations
@@ -94,9 +95,12 @@ FLOW_STEPS = [
 
 
 def _steps(preset: str) -> list[tuple[str, list[str], bool]]:
-    from ddpo_lite.bench.estimate import is_sd3
+    from ddpo_lite.bench.estimate import is_flux, is_flux2, is_sd3
 
-    if is_sd3(load_config(preset)):
+    config = load_config(preset)
+    if is_flux(config) or is_flux2(config):  # no T5 to drop (FLUX.1 needs it; FLUX.2 has none)
+        return [s for s in FLOW_STEPS if "memory.drop_t5=true" not in s[1]]
+    if is_sd3(config):
         return FLOW_STEPS
     return [(label, step, True) for label, step in STEPS]
 

@@ -226,8 +226,22 @@ def is_sd3(config: Config) -> bool:
     )
 
 
+def is_flux2(config: Config) -> bool:
+    """Whether the config names a FLUX.2 model (by family, or by a name the estimate knows:
+    flux2-klein-random, black-forest-labs/FLUX.2-*, tiny-flux2)."""
+    name = config.model.name.lower()
+    return config.model.family == "flux2" or "flux2" in name or "flux.2" in name
+
+
+def is_flux(config: Config) -> bool:
+    """Whether the config names a FLUX.1 model (by family, or by a name the estimate knows:
+    flux-dev-random, black-forest-labs/FLUX.1-*, tiny-flux); FLUX.2 is not."""
+    name = config.model.name.lower()
+    return config.model.family == "flux" or ("flux" in name and not is_flux2(config))
+
+
 #: The tiny offline models: built for real, then moved to the meta device.
-TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3")
+TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2")
 
 
 def build_meta_models(config: Config, resolution: int | None = None) -> MetaModels:
@@ -249,6 +263,20 @@ def build_meta_models(config: Config, resolution: int | None = None) -> MetaMode
         family = family_of(pipe)
         for model in (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe)):
             model.to("meta")
+    elif is_flux2(config):
+        from ddpo_lite.bench.flux import FLUX2_KLEIN_RANDOM, build_flux2_pipeline
+
+        resolution = resolution or config.sample.resolution or 1024
+        pipe = build_flux2_pipeline(resolution=resolution, device="meta")
+        if name != FLUX2_KLEIN_RANDOM:
+            note = f"model {name!r} estimated with FLUX.2-klein-4B's published architecture"
+    elif is_flux(config):
+        from ddpo_lite.bench.flux import FLUX_DEV_RANDOM, build_flux_pipeline
+
+        resolution = resolution or config.sample.resolution or 1024
+        pipe = build_flux_pipeline(resolution=resolution, device="meta")
+        if name != FLUX_DEV_RANDOM:
+            note = f"model {name!r} estimated with FLUX.1-dev's published architecture"
     elif is_sd3(config):
         from ddpo_lite.bench.sd3 import SD35_RANDOM, build_sd3_pipeline
 
@@ -505,33 +533,52 @@ def decode_peak(models: MetaModels, batch: int) -> int:
     latents = torch.empty(batch, *_latent_shape(models), device="meta")
     vae = models.vae
     autocast = autocast_factory(None)  # the decode runs outside autocast, in the VAE's dtype
+    unpack = getattr(models.family, "unpack", None)  # FLUX: packed tokens -> the VAE's latents
 
     @torch.no_grad()
     def decode():
         with autocast():
-            scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
+            x = unpack(models.pipe, latents) if unpack is not None else latents
+            scaled = (x / (getattr(vae.config, "scaling_factor", None) or 1.0)).to(vae.dtype)
             image = vae.decode(scaled, return_dict=False)[0]
             image.float()
 
     return _counted(decode)
 
 
+#: (tokens, all hidden states kept) per text encoder, for the families whose pipelines do not
+#: read what the SD / SDXL / SD3 default below reads: FLUX.1 CLIP-L's pooled output on 77
+#: tokens and T5 on 512; FLUX.2-klein Qwen3 on 512 with every hidden state (layers 9, 18, 27
+#: are stacked) and, as `Qwen3ForCausalLM` runs it, the LM head's logits.
+ENCODE_READS = {"flux": ((77, False), (512, False)), "flux2": ((512, True),)}
+
+
 def encode_peak(models: MetaModels, batch: int) -> int:
     """The text encoders on `batch` prompts, one after the other, each one's output kept (the
-    prompt encoder's preload batches of <= 64). CLIPs read 77 tokens, T5 the pipeline's 256."""
+    prompt encoder's preload batches of <= 64). CLIPs read 77 tokens, T5 the pipeline's 256
+    (SD3); FLUX's and FLUX.2's as `ENCODE_READS` says."""
     from ddpo_lite.bench.sd3 import T5_MAX_SEQUENCE_LENGTH
 
-    def ids(encoder) -> torch.Tensor:
-        length = getattr(encoder.config, "max_position_embeddings", T5_MAX_SEQUENCE_LENGTH)
-        return torch.zeros(batch, length, dtype=torch.long).to("meta")
+    reads = ENCODE_READS.get(getattr(models.family, "name", ""))
+    if reads is None:
+        reads = [
+            (
+                getattr(e.config, "max_position_embeddings", T5_MAX_SEQUENCE_LENGTH),
+                hasattr(e.config, "max_position_embeddings"),
+            )
+            for e in models.text_encoders
+        ]
 
     @torch.no_grad()
     def encode():
         with autocast_factory(None)():
             # the CLIPs' penultimate states are read (all hidden states kept); T5's last only
             outputs = [
-                e(ids(e), output_hidden_states=hasattr(e.config, "max_position_embeddings"))
-                for e in models.text_encoders
+                e(
+                    torch.zeros(batch, length, dtype=torch.long).to("meta"),
+                    output_hidden_states=hidden,
+                )
+                for e, (length, hidden) in zip(models.text_encoders, reads, strict=True)
             ]
             del outputs
 
