@@ -140,6 +140,8 @@ def sample(
 
     # DDIM's eta; a flow model's pipeline samples its ODE (Euler), which has no noise to set
     noise = {"eta": eta} if family_of(pipe).sampler == "ddim" else {}
+    if hasattr(pipe, "t5_sequence_length"):  # shapes-flow: trained with no T5 tokens
+        noise["max_sequence_length"] = pipe.t5_sequence_length
     result = SampleResult()
     for prompt in prompts:
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num)]

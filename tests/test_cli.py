@@ -295,7 +295,7 @@ def _build_wheel(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_the_wheel_holds_every_package_and_its_installed_cli_runs(tmp_path):
     """The wheel holds every module of every package (bench/ included), the presets and their
-    prompt files, the shapes model; installed into a fresh venv, its CLI runs from outside the repo."""
+    prompt files, both shapes models; installed into a fresh venv, its CLI runs from outside the repo."""
     import zipfile
 
     repo = Path(__file__).resolve().parents[1]
@@ -309,7 +309,8 @@ def test_the_wheel_holds_every_package_and_its_installed_cli_runs(tmp_path):
     }
     expected |= {
         p.relative_to(repo).as_posix()
-        for p in (repo / "ddpo_lite" / "models" / "shapes_model").rglob("*")
+        for folder in ("shapes_model", "shapes_flow_model")
+        for p in (repo / "ddpo_lite" / "models" / folder).rglob("*")
         if p.is_file()
     }
     assert "ddpo_lite/bench/__init__.py" in expected

@@ -60,7 +60,9 @@ class _SD3:
     def encode(
         self, pipe, prompts: list[str], device: torch.device, negative_prompt: str, resolution: int
     ) -> tuple[Cond, Cond]:
-        """The pipeline's own `encode_prompt` for all three encoders, and the negative's."""
+        """The pipeline's own `encode_prompt` for all three encoders, and the negative's. T5's
+        length is the pipeline's default 256 unless the pipeline carries `t5_sequence_length`
+        (`shapes-flow` sets 0: it was trained with no T5 tokens; models/loading.py)."""
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompts,
             None,
@@ -69,6 +71,7 @@ class _SD3:
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
             negative_prompt=[negative_prompt] * len(prompts),
+            max_sequence_length=getattr(pipe, "t5_sequence_length", 256),
         )
         cond = Cond({"prompt_embeds": embeds, "pooled": pooled})
         return cond, Cond({"prompt_embeds": negative[:1], "pooled": negative_pooled[:1]})

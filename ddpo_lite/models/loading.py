@@ -1,5 +1,6 @@
-"""Load a pipeline of a supported model family (SD 1.x/2.x, SDXL) from "tiny", "tiny-sdxl",
-"shapes", a local diffusers folder, or a Hub id; the family comes from model_index.json.
+"""Load a pipeline of a supported model family (SD 1.x/2.x, SDXL, SD3) from "tiny", "tiny-sdxl",
+"tiny-sd3", "shapes", "shapes-flow", a local diffusers folder, or a Hub id; the family comes from
+model_index.json.
 
 Every failure a user can cause or fix (a wrong path, a folder in the wrong layout, no network) is a
 `ModelLoadError` whose message is one line saying what was wrong and what to do instead.
@@ -20,7 +21,13 @@ from diffusers import DDIMScheduler
 
 from .tiny import quiet_progress_bars, tiny_pipeline_dir
 
-__all__ = ["HUB_PROBE_TIMEOUT_S", "SHAPES_MODEL_DIR", "ModelLoadError", "load_pipeline"]
+__all__ = [
+    "HUB_PROBE_TIMEOUT_S",
+    "SHAPES_FLOW_MODEL_DIR",
+    "SHAPES_MODEL_DIR",
+    "ModelLoadError",
+    "load_pipeline",
+]
 
 #: Seconds to wait for the Hugging Face Hub to answer before calling it unreachable
 #: (``$DDPO_LITE_HUB_TIMEOUT`` overrides it).
@@ -33,16 +40,18 @@ _TINY_FLUX_RE = re.compile(r"tiny-flux(?::(\d+))?")
 _TINY_FLUX2_RE = re.compile(r"tiny-flux2(?::(\d+))?")
 #: The small pretrained model shipped inside the package (trained by scripts/train_shapes_model.py).
 SHAPES_MODEL_DIR = Path(__file__).parent / "shapes_model"
+#: Its flow-matching sibling, an SD3 pipeline (trained by scripts/train_shapes_flow_model.py).
+SHAPES_FLOW_MODEL_DIR = Path(__file__).parent / "shapes_flow_model"
 
 _ACCEPTED_FORMS = (
     'accepted forms: "tiny" (or "tiny:SEED", the built-in offline test model), '
-    '"shapes" (the built-in pretrained shapes-world model), '
+    '"shapes" (the built-in pretrained shapes-world model), "shapes-flow" (its SD3 sibling), '
     "a local folder with a diffusers Stable Diffusion layout (model_index.json, unet/, vae/, "
     'text_encoder/, tokenizer/, scheduler/), or a Hugging Face Hub id such as "owner/name"'
 )
 _OFFLINE_HINT = (
-    'offline, use "tiny", "shapes", a local folder with a diffusers Stable Diffusion layout, '
-    "or download the model beforehand (e.g. `hf download ID`) so it is in the local Hugging Face "
+    'offline, use "tiny", "shapes", "shapes-flow", a local folder with a diffusers Stable '
+    "Diffusion layout, or download the model beforehand (e.g. `hf download ID`) so it is in the local Hugging Face "
     "cache (set HF_HUB_OFFLINE=1 to skip the network entirely)"
 )
 
@@ -70,6 +79,10 @@ def load_pipeline(
     - ``"tiny-flux"`` / ``"tiny-flux2"`` (``:SEED``): the same as FLUX.1-dev and FLUX.2-klein.
     - ``"shapes"``: the small pretrained model that ships inside the package (``SHAPES_MODEL_DIR``;
       32x32 coloured shapes, captions like "a red circle on a blue background").
+    - ``"shapes-flow"``: the same world in the SD3 architecture (``SHAPES_FLOW_MODEL_DIR``), a
+      flow-matching MMDiT without T5, trained with no T5 tokens: the pipeline gets
+      ``t5_sequence_length = 0``, which the sd3 family passes to ``encode_prompt`` as
+      ``max_sequence_length`` (in plain diffusers: ``pipe(prompt, max_sequence_length=0)``).
     - a local folder in diffusers layout (``model_index.json`` and the component subfolders).
     - a Hub id ``"owner/name"``: the local Hugging Face cache first, then the Hub.
 
@@ -119,6 +132,8 @@ def load_pipeline(
         pipe = _from_folder(tiny_flux2_pipeline_dir(tiny_seed), kwargs, family)
     elif name == "shapes":
         pipe = _from_folder(SHAPES_MODEL_DIR, kwargs, family)
+    elif name == "shapes-flow":
+        pipe = _from_folder(SHAPES_FLOW_MODEL_DIR, kwargs, family)
     elif path.is_dir():
         pipe = _from_folder(path, kwargs, family)
     elif path.exists():
@@ -137,6 +152,8 @@ def load_pipeline(
 
     from ddpo_lite.families import family_of
 
+    if _is_shapes_flow(name, path):
+        pipe.t5_sequence_length = 0  # trained with no T5 tokens (the pipeline's default is 256)
     if family_of(pipe).sampler == "ddim":  # the flow families keep their FlowMatch scheduler
         pipe.scheduler = ddim_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -219,6 +236,16 @@ def _resolve_options(found, kwargs: dict[str, Any]) -> dict[str, Any]:
             )
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     return kwargs
+
+
+def _is_shapes_flow(name: str, path: Path) -> bool:
+    """The shipped shapes-flow model, by name or by its folder."""
+    if name == "shapes-flow":
+        return True
+    try:
+        return path.is_dir() and path.resolve() == SHAPES_FLOW_MODEL_DIR.resolve()
+    except OSError:
+        return False
 
 
 def ddim_scheduler(scheduler) -> DDIMScheduler:
