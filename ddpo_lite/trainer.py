@@ -483,27 +483,33 @@ class TrainingLoop:
         return self.accelerator.is_main_process
 
     def restore_intact(self, newest: Path) -> int:
-        """Restore the newest intact checkpoint, from `newest` back: a damaged one (truncated,
-        altered, non-finite) is said aloud and the previous one tried; returns the epoch."""
+        """Restore the newest intact checkpoint, from `newest` back: one that is damaged
+        (truncated, altered, non-finite) or does not fit the run's LoRA and optimizer exactly is
+        said aloud and the previous one tried; returns the epoch. When none fits and none was
+        damaged (the config changed: another rank, other targets), the newest's own error."""
         found = list_checkpoints(self.output_dir)  # oldest first
         candidates = found[: found.index(newest) + 1 if newest in found else len(found)][::-1]
-        damaged: list[str] = []
+        failed: list[CheckpointError] = []
         for folder in candidates:
             try:
                 epoch = self.restore(folder)
-            except DamagedCheckpointError as err:
+            except CheckpointError as err:
+                if not isinstance(err, DamagedCheckpointError) and len(candidates) == 1:
+                    raise
                 warnings.warn(f"{err}; trying the checkpoint before it", stacklevel=2)
-                damaged.append(str(err))
+                failed.append(err)
                 continue
-            if damaged and self.is_main:
+            if failed and self.is_main:
                 self.console.print(
                     f"resuming from {folder.name}: the newer checkpoint(s) are damaged "
-                    f"({len(damaged)}; they stay in place, the run writes over them)"
+                    f"({len(failed)}; they stay in place, the run writes over them)"
                 )
             return epoch
+        if not any(isinstance(err, DamagedCheckpointError) for err in failed):
+            raise failed[0]  # nothing is damaged: every checkpoint disagrees with this config
         raise CheckpointError(
-            f"no intact checkpoint in {str(self.output_dir / 'checkpoints')!r} ({damaged[0]}"
-            f"{f' and {len(damaged) - 1} more' if len(damaged) > 1 else ''}); start over with "
+            f"no intact checkpoint in {str(self.output_dir / 'checkpoints')!r} ({failed[0]}"
+            f"{f' and {len(failed) - 1} more' if len(failed) > 1 else ''}); start over with "
             "--overwrite"
         )
 

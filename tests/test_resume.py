@@ -201,7 +201,19 @@ def test_resume_applies_new_optimizer_settings_and_refuses_another_rank(tmp_path
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncate_adapter", "zero_optimizer", "flip_bytes", "nan_weights", "edit_epoch"],
+    [
+        "truncate_adapter",
+        "zero_fill_adapter",
+        "delete_adapter",
+        "zero_optimizer",
+        "flip_bytes",
+        "nan_weights",
+        "missing_key",
+        "extra_key",
+        "wrong_shape",
+        "edit_optimizer_state",
+        "edit_epoch",
+    ],
 )
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, capsys):
     """Resume verifies the newest checkpoint (SHA-256 of its files, finite weights, the epoch it
@@ -225,11 +237,29 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, c
         for i in range(len(data) - 64, len(data)):
             data[i] ^= 0xFF
         adapter.write_bytes(bytes(data))
-    elif damage == "nan_weights":  # rewritten whole, so that only the finite check can tell
+    elif damage == "zero_fill_adapter":
+        adapter.write_bytes(bytes(len(adapter.read_bytes())))
+    elif damage == "delete_adapter":
+        adapter.unlink()
+    elif damage in ("nan_weights", "missing_key", "extra_key", "wrong_shape"):
+        # rewritten whole and the hashes dropped, so that only the tensor checks can tell
         tensors = load_file(adapter)
-        tensors[next(iter(tensors))].fill_(float("nan"))
+        first = next(iter(tensors))
+        if damage == "nan_weights":
+            tensors[first].fill_(float("nan"))
+        elif damage == "missing_key":
+            del tensors[first]
+        elif damage == "extra_key":
+            tensors[first.replace("lora_A", "lora_Z")] = tensors[first].clone()
+        else:
+            tensors[first] = torch.zeros(tensors[first].shape[0] + 1, tensors[first].shape[1])
         save_file(tensors, adapter)
         state = json.loads((newest / "state.json").read_text())
+        state.pop("sha256")
+        (newest / "state.json").write_text(json.dumps(state))
+    elif damage == "edit_optimizer_state":
+        state = json.loads((newest / "state.json").read_text())
+        state["optimizer"] = {"tree": {"state": {}, "param_groups": "edited"}}
         state.pop("sha256")
         (newest / "state.json").write_text(json.dumps(state))
     else:
