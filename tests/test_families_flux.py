@@ -226,3 +226,22 @@ def test_settings_a_flux_family_cannot_take_fail_at_setup(tmp_path, capsys):
     with pytest.raises(ConfigError, match="distilled.*guidance_scale = 1"):
         _run(tmp_path, str(folder), "sample.guidance_scale=4.0")
     _run(tmp_path, str(folder), "sample.guidance_scale=1.0")  # and without guidance it runs
+
+
+def test_klein_encodes_without_the_lm_heads_logits():
+    """Qwen3's LM head is never run while prompts are encoded (its logits, ~20 GiB for 64
+    prompts at full size, are not read), and the embeddings are the pipeline's own."""
+    from ddpo_lite.families import family_of
+    from ddpo_lite.models import load_pipeline
+
+    pipe = load_pipeline("tiny-flux2")
+    calls = []
+    hook = pipe.text_encoder.lm_head.register_forward_hook(lambda *args: calls.append(1))
+    theirs, _ = pipe.encode_prompt(["a cat", "a dog"], device="cpu")
+    assert calls  # the pipeline alone runs the head
+    calls.clear()
+    cond, negative = family_of(pipe).encode(pipe, ["a cat", "a dog"], torch.device("cpu"), "", 32)
+    assert not calls
+    torch.testing.assert_close(cond["prompt_embeds"], theirs, rtol=0, atol=0)
+    assert isinstance(pipe.text_encoder.lm_head, torch.nn.Linear)  # put back
+    hook.remove()

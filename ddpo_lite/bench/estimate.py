@@ -43,6 +43,7 @@ calls the transformer on batch 1, not 2.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -549,7 +550,7 @@ def decode_peak(models: MetaModels, batch: int) -> int:
 #: (tokens, all hidden states kept) per text encoder, for the families whose pipelines do not
 #: read what the SD / SDXL / SD3 default below reads: FLUX.1 CLIP-L's pooled output on 77
 #: tokens and T5 on 512; FLUX.2-klein Qwen3 on 512 with every hidden state (layers 9, 18, 27
-#: are stacked) and, as `Qwen3ForCausalLM` runs it, the LM head's logits.
+#: are stacked), its LM head stood down as the family encodes (`without_lm_head`: no logits).
 ENCODE_READS = {"flux": ((77, False), (512, False)), "flux2": ((512, True),)}
 
 
@@ -569,9 +570,13 @@ def encode_peak(models: MetaModels, batch: int) -> int:
             for e in models.text_encoders
         ]
 
+    from ddpo_lite.families.flux2 import without_lm_head
+
     @torch.no_grad()
     def encode():
-        with autocast_factory(None)():
+        with autocast_factory(None)(), contextlib.ExitStack() as stack:
+            for e in models.text_encoders:
+                stack.enter_context(without_lm_head(e))
             # the CLIPs' penultimate states are read (all hidden states kept); T5's last only
             outputs = [
                 e(

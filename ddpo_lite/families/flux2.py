@@ -16,11 +16,17 @@ As `Flux2KleinPipeline.__call__` builds them (diffusers 0.42.1):
 - the sigma grid: custom sigmas linspace(1, 1/N, N) with mu = compute_empirical_mu(image
   tokens, N) (`flow_schedule`), not FLUX.1's calculate_shift;
 - decoding: unpack, x * sqrt(bn.running_var + eps) + bn.running_mean, unpatchify, VAE.
+
+`Qwen3ForCausalLM` as the pipeline calls it also computes its LM head's logits for every token
+(B x 512 x 151,936 floats: ~20 GiB for the prompt encoder's batches of 64) and the pipeline reads
+only hidden states, so `encode` runs with the head stood down (`without_lm_head`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -28,6 +34,28 @@ from diffusers import Flux2KleinPipeline
 from PIL import Image
 
 from ddpo_lite.families import Cond, guided
+
+
+class _NoLogits(torch.nn.Module):
+    """In the LM head's place while prompts are encoded: no logits, (..., 0)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[..., :0]
+
+
+@contextlib.contextmanager
+def without_lm_head(text_encoder: torch.nn.Module) -> Iterator[None]:
+    """The language model's head replaced by `_NoLogits` inside the block (the hidden states
+    are unchanged: the head runs after the last layer), restored after."""
+    head = getattr(text_encoder, "lm_head", None)
+    if head is None:
+        yield
+        return
+    text_encoder.lm_head = _NoLogits()
+    try:
+        yield
+    finally:
+        text_encoder.lm_head = head
 
 
 def _ids(*axes: torch.Tensor) -> torch.Tensor:
@@ -86,9 +114,11 @@ class _Flux2:
     def encode(
         self, pipe, prompts: list[str], device: torch.device, negative_prompt: str, resolution: int
     ) -> tuple[Cond, Cond]:
-        """The pipeline's own `encode_prompt` for the prompts and for the negative prompt."""
-        embeds, _ = pipe.encode_prompt(prompts, device=device)
-        negative, _ = pipe.encode_prompt([negative_prompt], device=device)
+        """The pipeline's own `encode_prompt` for the prompts and for the negative prompt (the
+        LM head stood down: its logits are never read)."""
+        with without_lm_head(pipe.text_encoder):
+            embeds, _ = pipe.encode_prompt(prompts, device=device)
+            negative, _ = pipe.encode_prompt([negative_prompt], device=device)
         return Cond({"prompt_embeds": embeds}), Cond({"prompt_embeds": negative})
 
     def predict(
