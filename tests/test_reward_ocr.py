@@ -108,10 +108,7 @@ def test_ocr_is_registered_and_says_how_to_install(monkeypatch):
 
 
 def _font(size):
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1, FreeType
-    except TypeError:
-        pytest.skip("this Pillow has no sized default font (Pillow >= 10.1)")
+    return ImageFont.load_default(size=size)  # Pillow >= 10.1 (the project's floor), FreeType
 
 
 def render(text, size=256, font_size=44, fg=(20, 20, 20), bg=(240, 235, 220)):
