@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -365,6 +365,34 @@ def tiny_pipeline_dir(seed: int = 0) -> Path:
             os.rename(tmp, target)
         except OSError:
             if not _is_complete(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_pipeline_once(
+    target: Path, build: Callable[[], object], required: tuple[str, ...], clip_tokenizers=()
+) -> Path:
+    """`build()`'s pipeline saved into `target` once, through a temporary folder and an atomic
+    rename (as `tiny_pipeline_dir`); `clip_tokenizers` get the slow tokenizer files too."""
+    if all((target / name).is_file() for name in required):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        with quiet_progress_bars():
+            build().save_pretrained(tmp, safe_serialization=True)
+        for name in clip_tokenizers:
+            _write_slow_tokenizer_files(tmp / name)
+        missing = [n for n in required if not (tmp / n).is_file()]
+        if missing:
+            raise RuntimeError(f"writing {target.name} left out {missing}")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not all((target / name).is_file() for name in required):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

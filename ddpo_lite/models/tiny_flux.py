@@ -12,10 +12,6 @@ Written once into the cache with `save_pretrained`, and loaded through `from_pre
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,10 +26,9 @@ from .tiny import (
     IMAGE_SIZE,
     LATENT_CHANNELS,
     _word_list,
-    _write_slow_tokenizer_files,
     build_tiny_tokenizer,
     cache_root,
-    quiet_progress_bars,
+    write_pipeline_once,
 )
 from .tiny_sdxl import _text_config
 
@@ -134,34 +129,6 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Flu
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def write_pipeline_once(
-    target: Path, build: Callable[[], object], required: tuple[str, ...], clip_tokenizers=()
-) -> Path:
-    """`build()`'s pipeline saved into `target` once, through a temporary folder and an atomic
-    rename (as `tiny_pipeline_dir`); `clip_tokenizers` get the slow tokenizer files too."""
-    if all((target / name).is_file() for name in required):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
-        with quiet_progress_bars():
-            build().save_pretrained(tmp, safe_serialization=True)
-        for name in clip_tokenizers:
-            _write_slow_tokenizer_files(tmp / name)
-        missing = [n for n in required if not (tmp / n).is_file()]
-        if missing:
-            raise RuntimeError(f"writing {target.name} left out {missing}")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not all((target / name).is_file() for name in required):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 _REQUIRED_FILES = (

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 
-from .tiny import IMAGE_SIZE, LATENT_CHANNELS, _bytes_to_unicode, cache_root
-from .tiny_flux import flux_scheduler, write_pipeline_once
+from .tiny import IMAGE_SIZE, LATENT_CHANNELS, _bytes_to_unicode, cache_root, write_pipeline_once
+from .tiny_flux import flux_scheduler
 
 TINY_FLUX2_VERSION = "v1"
 QWEN_HIDDEN = 16  # Qwen3-4B's 2560; the prompt embedding is 3 layers of it

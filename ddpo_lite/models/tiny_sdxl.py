@@ -9,9 +9,6 @@ the tiny SD model's locally learned tokenizer for both encoders; written once in
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,10 +21,9 @@ from .tiny import (
     LATENT_SIZE,
     MODEL_MAX_LENGTH,
     _build_scheduler,
-    _write_slow_tokenizer_files,
     build_tiny_tokenizer,
     cache_root,
-    quiet_progress_bars,
+    write_pipeline_once,
 )
 
 TINY_SDXL_VERSION = "v1"
@@ -122,23 +118,10 @@ _REQUIRED_FILES = (
 def tiny_sdxl_pipeline_dir(seed: int = 0) -> Path:
     """A folder holding the tiny SDXL pipeline for `seed` in diffusers layout, written once into
     the cache through a temporary folder and an atomic rename (as `tiny_pipeline_dir`)."""
-    root = cache_root()
-    target = root / f"tiny-sdxl-{TINY_SDXL_VERSION}-seed{seed}"
-    if all((target / name).is_file() for name in _REQUIRED_FILES):
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    tmp.chmod(0o755)
-    try:
-        with quiet_progress_bars():
-            build_tiny_sdxl_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
-        for name in ("tokenizer", "tokenizer_2"):
-            _write_slow_tokenizer_files(tmp / name)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not all((target / name).is_file() for name in _REQUIRED_FILES):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    target = cache_root() / f"tiny-sdxl-{TINY_SDXL_VERSION}-seed{seed}"
+    return write_pipeline_once(
+        target,
+        lambda: build_tiny_sdxl_pipeline(seed),
+        _REQUIRED_FILES,
+        clip_tokenizers=("tokenizer", "tokenizer_2"),
+    )
