@@ -235,7 +235,11 @@ class GuardConfig:
     min_diversity: float = 0.0
     """Stop when the diversity of the epoch's samples falls below this."""
     kl_samples: int = 4
-    """Trajectories per epoch on which kl_to_base is measured (0 = not measured)."""
+    """Trajectories on which kl_to_base is measured (0 = never measured)."""
+    kl_every: int = 10
+    """Measure kl_to_base every this many epochs and after the last (1 = every epoch, 0 = only
+    for guard.max_kl). guard.max_kl measures it every epoch. Each measurement costs 2 x
+    kl_samples x sample.num_steps guided forward passes; its seconds are logged (kl_seconds)."""
 
 
 @dataclass
@@ -361,6 +365,7 @@ class Config:
             ("guard.max_kl", self.guard.max_kl >= 0, "a number >= 0 (0 = off)"),
             ("guard.min_diversity", self.guard.min_diversity >= 0, "a number >= 0 (0 = off)"),
             ("guard.kl_samples", self.guard.kl_samples >= 0, "an integer >= 0"),
+            ("guard.kl_every", self.guard.kl_every >= 0, "an integer >= 0 (0 = only for max_kl)"),
             ("reward.retries", self.reward.retries >= 0, "an integer >= 0"),
             ("reward.backoff", self.reward.backoff >= 0, "a number >= 0 (seconds)"),
             ("lora.alpha", self.lora.alpha > 0, "a number > 0"),

@@ -581,7 +581,7 @@ class TrainingLoop:
                 "trajectory and were dropped from the update",
                 stacklevel=2,
             )
-        drift = self.drift(samples)
+        drift = self.drift(samples, epoch)
 
         # 4. update
         total = optimizer_steps(config, len(trajectory))
@@ -630,13 +630,16 @@ class TrainingLoop:
             self.console.print(epoch_summary(epoch, config.num_epochs, row))
         return row
 
-    def drift(self, samples: EpochSamples) -> dict[str, float]:
-        """KL from the base model along this epoch's first trajectories, and sample diversity."""
+    def drift(self, samples: EpochSamples, epoch: int) -> dict[str, float]:
+        """Sample diversity; on the epochs `measures_kl` picks, the KL from the base model along
+        this epoch's first trajectories and the seconds it took."""
         config = self.config
         row = {"diversity": diversity(samples.images, samples.prompts)}
-        if config.guard.kl_samples and config.train.algorithm not in TRAJECTORY_FREE:
+        if measures_kl(config, epoch):
+            start = time.perf_counter()
             kl = trajectory_kl(self.run.policy, samples.trajectory, config.guard.kl_samples)
             row["kl_to_base"] = float(kl.mean())
+            row["kl_seconds"] = time.perf_counter() - start
         return row
 
     def evaluate(self, epochs_done: int) -> dict[str, float]:
@@ -835,6 +838,18 @@ def sample_epoch(
     wait = time.perf_counter() - waited_from
     rewards = np.concatenate([values for values, _ in scores])
     return EpochSamples(images, texts, Trajectory.cat(parts, chain), rewards, wait)
+
+
+def measures_kl(config: Config, epoch: int) -> bool:
+    """Whether epoch `epoch` (0-based) measures kl_to_base: every epoch for guard.max_kl, else
+    every guard.kl_every epochs and after the last; never without a trajectory to measure on."""
+    guard = config.guard
+    if not guard.kl_samples or config.train.algorithm in TRAJECTORY_FREE:
+        return False
+    last = epoch + 1 == config.num_epochs
+    return bool(guard.max_kl) or (
+        guard.kl_every > 0 and ((epoch + 1) % guard.kl_every == 0 or last)
+    )
 
 
 def sde_window(sample, generator: torch.Generator) -> range | None:
