@@ -221,6 +221,9 @@ class EvalConfig:
     """At most this many prompts per group (0 = all)."""
     seed: int = 20231
     """Prompt j of every evaluation starts from the noise of seed + j."""
+    num_steps: int = 0
+    """Denoising steps of the evaluation's sampler (0 = sample.num_steps): training may sample
+    with fewer steps than it is judged at (Flow-GRPO: 10 in training, 40 at evaluation)."""
 
 
 @dataclass
@@ -365,6 +368,7 @@ class Config:
             ("guard.max_kl", self.guard.max_kl >= 0, "a number >= 0 (0 = off)"),
             ("guard.min_diversity", self.guard.min_diversity >= 0, "a number >= 0 (0 = off)"),
             ("guard.kl_samples", self.guard.kl_samples >= 0, "an integer >= 0"),
+            ("eval.num_steps", self.eval.num_steps >= 0, "an integer >= 0 (0 = sample's)"),
             ("guard.kl_every", self.guard.kl_every >= 0, "an integer >= 0 (0 = only for max_kl)"),
             ("reward.retries", self.reward.retries >= 0, "an integer >= 0"),
             ("reward.backoff", self.reward.backoff >= 0, "a number >= 0 (seconds)"),

@@ -12,6 +12,7 @@ The update itself is in `update.py`, the output folder's files in `run_files.py`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -202,17 +203,21 @@ def make_scheduler(pipe, num_steps: int, device) -> DDIMScheduler:
     return scheduler
 
 
-def make_sampler(pipe, family, config: Config, resolution: int, device):
-    """The family's sampler with the config's steps and noise: DDIM with eta for the UNets,
-    Flow-GRPO's SDE (or CPS) on the pipeline's own FlowMatch sigmas for the flow models."""
+def make_sampler(
+    pipe, family, config: Config, resolution: int, device, num_steps: int | None = None
+):
+    """The family's sampler with the config's steps (or `num_steps`) and noise: DDIM with eta
+    for the UNets, Flow-GRPO's SDE (or CPS) on the pipeline's own FlowMatch sigmas for the flow
+    models."""
+    steps = num_steps or config.sample.num_steps
     if family.sampler == "ddim" and config.sample.sampler == "dpm-solver":
         scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        scheduler.set_timesteps(config.sample.num_steps, device=device)
+        scheduler.set_timesteps(steps, device=device)
         return DPMSolverSampler(scheduler)
     if family.sampler == "ddim":
-        return DDIMSampler(make_scheduler(pipe, config.sample.num_steps, device), config.sample.eta)
+        return DDIMSampler(make_scheduler(pipe, steps, device), config.sample.eta)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    set_flow_timesteps(pipe, scheduler, config.sample.num_steps, resolution, device)
+    set_flow_timesteps(pipe, scheduler, steps, resolution, device)
     return FlowSDESampler(scheduler, config.sample.eta, config.sample.flow_sampler)
 
 
@@ -268,6 +273,16 @@ def make_policy(pipe, config: Config, device, autocast, denoiser=None) -> Policy
         autocast=autocast,
         resolution=resolution,
     )
+
+
+def eval_policy(policy: Policy, config: Config, device) -> Policy:
+    """The policy the held-out evaluation samples with: the training policy (same denoiser,
+    prompt cache), with a sampler of eval.num_steps steps when that differs."""
+    steps = config.eval.num_steps
+    if not steps or steps == config.sample.num_steps:
+        return policy
+    sampler = make_sampler(policy.pipe, policy.family, config, policy.resolution, device, steps)
+    return dataclasses.replace(policy, sampler=sampler)
 
 
 @dataclass
@@ -458,6 +473,7 @@ class TrainingLoop:
         self.console = console or Console(soft_wrap=True, markup=False)  # text prints as text
         self.progress: Progress | None = None  # train() sets it: evaluations show a bar too
         self.run = build_components(config, accelerator)
+        self.eval_policy = eval_policy(self.run.policy, config, accelerator.device)
         if len(prompts) <= PRELOAD_PROMPTS:
             self.run.policy.encoder.preload(prompts)
         self.tracker = (
@@ -656,7 +672,7 @@ class TrainingLoop:
             )
             evaluate_policy = functools.partial(
                 evaluate,
-                run.policy,
+                self.eval_policy,
                 self.eval_groups,
                 self.reward,
                 num_per_prompt=config.eval.num_per_prompt,
