@@ -178,6 +178,10 @@ class MemoryConfig:
     through diffusers' BitsAndBytesConfig at load (a CUDA GPU and bitsandbytes needed); 'fp8'
     (float8_e4m3fn storage, each layer upcast to the autocast dtype for its matmul: diffusers'
     `enable_layerwise_casting`, any device); 'none'."""
+    compile_blocks: bool = False
+    """torch.compile the denoiser's repeated blocks (diffusers' `compile_repeated_blocks`:
+    regional compilation, the transformer blocks). The first calls of each shape compile
+    (seconds to minutes), later ones run faster; the CPU needs a C++ compiler."""
     drop_t5: bool = False
     """SD3 only: load without the T5-XXL text encoder (4.7B parameters; text_encoder_3=None,
     the pipeline's documented option: its tokens are zeros). Saves the encoder's 9.5 GB visit at

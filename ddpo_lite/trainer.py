@@ -72,7 +72,7 @@ from ddpo_lite.grid import make_grid
 from ddpo_lite.guard import Guard
 from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import attach_lora, save_lora
-from ddpo_lite.models.memory import apply_memory_settings
+from ddpo_lite.models.memory import apply_memory_settings, compile_blocks
 from ddpo_lite.policy import Policy
 from ddpo_lite.reward_worker import RewardWorker
 from ddpo_lite.rewards.compose import CheckedReward, RewardError, build_reward
@@ -317,6 +317,8 @@ def build_components(config: Config, accelerator: Accelerator) -> Components:
     denoiser = family_of(pipe).denoiser(pipe)
     torch.manual_seed(config.seed)  # the LoRA's initial A matrices (B starts at zero)
     params = attach_lora(denoiser, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+    if config.memory.compile_blocks:  # after the LoRA: its layers are inside the compiled blocks
+        compile_blocks(denoiser, getattr(family_of(pipe), "repeated_blocks", ()))
     optimizer = make_optimizer(params, config.train, config.memory.use_8bit_adam, device)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     denoiser.eval()
