@@ -106,8 +106,11 @@ class TrainConfig:
     first_steps: int = 0
     """Train only on the first this many denoising steps (the noisiest, where the layout is
     decided); 0 = all. timestep_fraction then draws from these."""
-    timestep_chunk: int = 0
-    """Timesteps per forward+backward; 0 means all of a sample's trained timesteps at once."""
+    timestep_chunk: int = 1
+    """Timesteps per forward+backward (0 = all of a sample's trained timesteps at once, whose
+    memory grows with steps x batch). The default 1 is the DDPO authors' loop, so a run never
+    needs more memory than theirs; a preset sets the largest its card fits (`train --vram`
+    picks it), and the gradient is the same at every chunk (tested)."""
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     max_grad_norm: float = 1.0
