@@ -477,7 +477,7 @@ class TrainingLoop:
         self.run = build_components(config, accelerator)
         self.eval_policy = eval_policy(self.run.policy, config, accelerator.device)
         if len(prompts) <= PRELOAD_PROMPTS:
-            self.run.policy.encoder.preload(prompts)
+            self.run.policy.encoder.preload(prompts, config.memory.encode_batch_size)
         self.tracker = (
             PerPromptStatTracker(config.advantages.buffer_size, config.advantages.min_count)
             if config.advantages.per_prompt_stat_tracking

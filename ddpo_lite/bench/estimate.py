@@ -556,7 +556,7 @@ ENCODE_READS = {"flux": ((77, False), (512, False)), "flux2": ((512, True),)}
 
 def encode_peak(models: MetaModels, batch: int) -> int:
     """The text encoders on `batch` prompts, one after the other, each one's output kept (the
-    prompt encoder's preload batches of <= 64). CLIPs read 77 tokens, T5 the pipeline's 256
+    prompt encoder's preload batches, memory.encode_batch_size). CLIPs read 77 tokens, T5 the pipeline's 256
     (SD3); FLUX's and FLUX.2's as `ENCODE_READS` says."""
     from ddpo_lite.bench.sd3 import T5_MAX_SEQUENCE_LENGTH
 
@@ -803,16 +803,17 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
     per_batch = trajectory_bytes(sample.batch_size, steps, latent, cond_rows, final)
     epoch_traj = per_batch * sample.num_batches_per_epoch
 
-    # run start: the prompt encoder encodes the prompt list in batches of <= 64 (on the CPU
-    # with encode_on_cpu: then only the embeddings arrive)
+    # run start: the prompt encoder encodes the prompt list in batches of encode_batch_size
+    # (on the CPU with encode_on_cpu: then only the embeddings arrive)
+    encode_batch = min(memory.encode_batch_size, _num_prompts(config))
     if memory.encode_on_cpu:
-        arrived = min(64, _num_prompts(config)) * sum(cond_rows)
+        arrived = encode_batch * sum(cond_rows)
         encoding = PhaseEstimate(
             base + arrived, {**resident, "embeddings from the CPU encoders": arrived}
         )
     else:
         visit = text if memory.offload_text_encoder else 0
-        encode_t = transients.encode(min(64, _num_prompts(config)))
+        encode_t = transients.encode(encode_batch)
         encoding = PhaseEstimate(
             base + visit + encode_t,
             {**resident, "text_encoder_visit": visit, "transient (text encoder forward)": encode_t},
