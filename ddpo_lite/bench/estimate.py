@@ -217,7 +217,7 @@ def is_sdxl(config: Config) -> bool:
 
 def is_sd3(config: Config) -> bool:
     """Whether the config names an SD3 / SD3.5 model (by family, or by a name the estimate
-    knows: sd35-random, stabilityai/stable-diffusion-3*, tiny-sd3)."""
+    knows: sd35-random, sd35-large-random, stabilityai/stable-diffusion-3*, tiny-sd3)."""
     name = config.model.name.lower()
     return (
         config.model.family == "sd3"
@@ -279,12 +279,15 @@ def build_meta_models(config: Config, resolution: int | None = None) -> MetaMode
         if name != FLUX_DEV_RANDOM:
             note = f"model {name!r} estimated with FLUX.1-dev's published architecture"
     elif is_sd3(config):
-        from ddpo_lite.bench.sd3 import SD35_RANDOM, build_sd3_pipeline
+        from ddpo_lite.bench.sd3 import SD35_LARGE_RANDOM, SD35_RANDOM, build_sd3_pipeline
 
         resolution = resolution or config.sample.resolution or 1024
-        pipe = build_sd3_pipeline(resolution=resolution, device="meta", t5=not memory.drop_t5)
-        if name != SD35_RANDOM:
-            note = f"model {name!r} estimated with SD3.5 Medium's published architecture"
+        large = "large" in name.lower()
+        t5 = not memory.drop_t5
+        pipe = build_sd3_pipeline(resolution=resolution, device="meta", t5=t5, large=large)
+        if name not in (SD35_RANDOM, SD35_LARGE_RANDOM):
+            which = "Large" if large else "Medium"
+            note = f"model {name!r} estimated with SD3.5 {which}'s published architecture"
     elif is_sdxl(config):
         from ddpo_lite.bench.sdxl import SDXL_RANDOM, build_sdxl_pipeline
 
