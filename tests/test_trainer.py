@@ -54,7 +54,11 @@ def test_rollout_returns_images_and_detached_trajectory(tmp_path):
     assert sorted(p for call in calls for p in call) == sorted(config.prompts.prompts)
 
 
-@pytest.mark.parametrize("overrides", [[], HALF], ids=["fp32", "bf16-half-base-checkpointing"])
+@pytest.mark.parametrize(
+    "overrides",
+    [[], HALF, ["sample.guidance_scale=1.0"]],
+    ids=["fp32", "bf16-half-base-checkpointing", "cfg-free"],
+)
 def test_on_policy_ratio_is_one(tmp_path, overrides):
     """The classic silent DDPO bug: re-scoring a stored trajectory with the unchanged policy in
     the training configuration (train mode, same CFG, autocast, checkpointing, a different batch
