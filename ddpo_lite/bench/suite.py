@@ -117,8 +117,8 @@ def bench_config(preset: str, tiny: bool, cpu: bool, output_dir: str):
         f"epoch cut to 1 sampling batch ({samples} samples; the preset: "
         f"{sample.num_batches_per_epoch}) and one optimizer step",
     ]
-    if tiny:  # a test of the plumbing, in seconds: the tiny model's size, 4 steps
-        steps = min(sample.num_steps, 4)
+    if tiny:  # a test of the plumbing, in seconds: the tiny model's size, 2 steps
+        steps = min(sample.num_steps, 2)
         overrides += ["sample.resolution=0", f"sample.num_steps={steps}"]
         if sample.sde_window_size:
             size = min(sample.sde_window_size, steps)

@@ -1,0 +1,106 @@
+"""scripts/gpu_bench.sh's driver (ddpo_lite/bench/suite.py) on the tiny models on the CPU, so
+that the one GPU run does not fail on a typo: one preset per family in process (every column of
+the JSON and the tables filled), then the subprocess isolation and the budget (a bogus preset
+fails alone, a preset that outlives the budget is killed, the rest is skipped, all recorded)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ddpo_lite.bench.suite import GPU_PRESETS, run_suite
+
+ONE_PER_FAMILY = [
+    "aesthetic",
+    "sdxl-aesthetic",
+    "sd35-pickscore",
+    "flux-pickscore",
+    "flux2-pickscore",
+]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = run_suite(ONE_PER_FAMILY, out, tiny=True, cpu=True, epochs=1, isolate=False)
+    return result, out
+
+
+def test_every_family_measured_beside_its_estimate_and_pipeline(suite):
+    result, out = suite
+    assert json.loads((out / "bench.json").read_text()) == json.loads(
+        json.dumps(result, default=str)
+    )
+    by_name = {r["preset"]: r for r in result["presets"]}
+    assert list(by_name) == ONE_PER_FAMILY
+    assert {r["family"] for r in by_name.values()} == {"sd1", "sdxl", "sd3", "flux", "flux2"}
+    for name, r in by_name.items():
+        assert r["status"] == "ok", (name, r.get("error"), r.get("traceback"))
+        measured, estimated = r["measurement"], r["estimate"]
+        for phase in ("sampling", "reward", "training"):
+            assert measured["phases"][phase]["peak_bytes"] > 0
+            assert estimated["phases"][phase]["peak_bytes"] > 0
+            # like for like: the same reduced config on both sides; the tiny models' counted
+            # peaks are within 25% of the estimate (30-50% off would be a different config)
+            ratio = (
+                estimated["phases"][phase]["peak_bytes"] / measured["phases"][phase]["peak_bytes"]
+            )
+            assert 0.75 < ratio < 1.33, (name, phase, ratio)
+        versus = r["vs_pipeline"]
+        assert versus["family"] == r["family"]
+        for key in ("rollout", "rollout_no_record", "pipeline"):
+            assert versus[f"{key}_images_per_second"] > 0
+        assert measured["seconds_per_epoch"] > 0 and measured["samples_per_second"] > 0
+    assert any("needs CUDA" in n for n in by_name["flux-pickscore"]["notes"])  # nf4 on a CPU
+
+
+def test_markdown_tables_have_every_cell_filled(suite):
+    result, out = suite
+    text = (out / "bench.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    memory = [r for r in rows if r.split("|")[4].strip() in ("sampling", "reward", "training")]
+    speed = [r for r in rows if r not in memory and not r.startswith("| preset")]
+    assert len(memory) == 3 * len(ONE_PER_FAMILY) and len(speed) == len(ONE_PER_FAMILY)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(cells), row
+    assert "Not run" not in text
+
+
+def test_failures_are_isolated_and_the_budget_is_kept(tmp_path):
+    """A bogus preset fails alone; the next starts in its own process and is killed when the
+    budget runs out (its import alone outlasts 6 s); the rest is skipped, and the stand-in is
+    not taken for a preset that was never measured."""
+    budget = 6.0
+    presets = ["no-such-preset", "aesthetic", "compressibility", "incompressibility"]
+    start = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "ddpo_lite.bench.suite", "--cpu", "--tiny", "--presets",
+         ",".join(presets), "--budget-s", str(budget), "--min-start-s", "1", "--out",
+         str(tmp_path)],
+        cwd=ROOT, check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert elapsed < budget + 5
+    result = json.loads((tmp_path / "bench.json").read_text())
+    status = {r["preset"]: r for r in result["presets"]}
+    assert status["no-such-preset"]["status"] == "failed"
+    assert "unknown preset 'no-such-preset'" in status["no-such-preset"]["error"]
+    assert status["aesthetic"]["status"] == "timeout"
+    assert status["aesthetic"]["stage"] == "setup"  # the worker ran: no typo on its command line
+    assert status["compressibility"]["status"] == "skipped"
+    assert status["incompressibility"]["status"] == "skipped"
+    text = (tmp_path / "bench.md").read_text()
+    assert "no-such-preset: failed" in text and "aesthetic: timeout" in text
+
+
+def test_the_default_order_covers_every_gpu_preset():
+    presets = {p.stem for p in (ROOT / "presets").glob("*.toml")}
+    gpu = {p for p in presets if p != "tiny" and not p.startswith("shapes")}
+    assert set(GPU_PRESETS) == gpu and len(GPU_PRESETS) == len(gpu)
