@@ -75,14 +75,14 @@ def test_markdown_tables_have_every_cell_filled(suite):
 
 def test_failures_are_isolated_and_the_budget_is_kept(tmp_path):
     """A bogus preset fails alone; the next starts in its own process and is killed when the
-    budget runs out (its import alone outlasts 6 s); the rest is skipped, and the stand-in is
-    not taken for a preset that was never measured."""
+    budget runs out (1000 epochs); the rest is skipped, and the stand-in is not taken for a
+    preset that was never measured."""
     budget = 6.0
     presets = ["no-such-preset", "aesthetic", "compressibility", "incompressibility"]
     start = time.monotonic()
     subprocess.run(
         [sys.executable, "-m", "ddpo_lite.bench.suite", "--cpu", "--tiny", "--presets",
-         ",".join(presets), "--budget-s", str(budget), "--min-start-s", "1", "--out",
+         ",".join(presets), "--budget-s", str(budget), "--min-start-s", "1", "--epochs", "1000", "--out",
          str(tmp_path)],
         cwd=ROOT, check=True, capture_output=True, timeout=60,
     )  # fmt: skip
@@ -93,7 +93,8 @@ def test_failures_are_isolated_and_the_budget_is_kept(tmp_path):
     assert status["no-such-preset"]["status"] == "failed"
     assert "unknown preset 'no-such-preset'" in status["no-such-preset"]["error"]
     assert status["aesthetic"]["status"] == "timeout"
-    assert status["aesthetic"]["stage"] == "setup"  # the worker ran: no typo on its command line
+    # the worker ran (no typo on its command line) and would have run 1000 epochs
+    assert status["aesthetic"]["stage"] in ("setup", "estimate", "measure")
     assert status["compressibility"]["status"] == "skipped"
     assert status["incompressibility"]["status"] == "skipped"
     text = (tmp_path / "bench.md").read_text()
@@ -104,3 +105,55 @@ def test_the_default_order_covers_every_gpu_preset():
     presets = {p.stem for p in (ROOT / "presets").glob("*.toml")}
     gpu = {p for p in presets if p != "tiny" and not p.startswith("shapes")}
     assert set(GPU_PRESETS) == gpu and len(GPU_PRESETS) == len(gpu)
+
+
+@pytest.mark.parametrize(
+    "preset", ["aesthetic", "sdxl-pickscore", "sd35-ocr", "flux-pickscore", "flux2-pickscore"]
+)
+def test_gpu_configs_build_their_random_models_and_rewards_on_meta(preset, tmp_path):
+    """What the GPU run builds, on the meta device (no memory, no arithmetic): the preset as the
+    suite cuts it, its published architecture and its reward's stand-in."""
+    import torch
+
+    from ddpo_lite.bench.bench import build_bench_reward, build_pipeline
+    from ddpo_lite.bench.suite import RANDOM_MODELS, bench_config
+
+    config, family, notes = bench_config(preset, tiny=False, cpu=False, output_dir=str(tmp_path))
+    assert config.model.name == RANDOM_MODELS[family]
+    assert config.sample.num_batches_per_epoch == 1
+    assert config.train.gradient_accumulation * config.train.batch_size >= config.sample.batch_size
+    config.memory.offload_reward = False  # meta tensors cannot visit the CPU
+    config.memory.quantize_base = {"nf4": "none"}.get(
+        config.memory.quantize_base, config.memory.quantize_base
+    )
+    pipe = build_pipeline(config, None, "meta")
+    assert type(pipe).__name__.endswith("Pipeline")
+    reward, reward_notes = build_bench_reward(config, torch.device("meta"))
+    if "pickscore" in preset:
+        assert "ViT-H/14 pair" in reward_notes[0] and len(reward.models) == 2
+    if family in ("sd3", "flux", "flux2"):
+        assert any("encoded on the GPU" in n for n in notes)
+
+
+def test_quantize_denoiser_swaps_in_the_reloaded_model(monkeypatch):
+    """The save + reload around diffusers' quantizer (a GPU's bitsandbytes), with no quantizer:
+    the pipeline's denoiser is the reloaded one, with the same weights."""
+    import torch
+
+    from ddpo_lite.bench.bench import quantize_denoiser
+    from ddpo_lite.config import MemoryConfig
+    from ddpo_lite.models import load_pipeline, loading
+
+    monkeypatch.setattr(
+        loading,
+        "load_options",
+        lambda memory: {loading.QUANTIZE_DENOISER: None, "torch_dtype": torch.float32},
+    )
+    pipe = load_pipeline("tiny-flux")
+    before = pipe.transformer
+    quantize_denoiser(pipe, MemoryConfig(quantize_base="nf4"))
+    assert pipe.transformer is not before and pipe.components["transformer"] is pipe.transformer
+    after = pipe.transformer.state_dict()
+    assert list(after) == list(before.state_dict())
+    for name, weight in before.state_dict().items():
+        torch.testing.assert_close(after[name], weight, msg=name)

@@ -105,7 +105,8 @@ def bench_config(preset: str, tiny: bool, cpu: bool, output_dir: str):
     family = preset_family(config)
     memory, sample = config.memory, config.sample
     model = (TINY_MODELS if tiny else RANDOM_MODELS)[family]
-    samples = sample.batch_size  # one sampling batch per epoch
+    # one sampling batch per epoch (tiny: one training batch), one optimizer step
+    samples = config.train.batch_size if tiny else sample.batch_size
     overrides = [
         f'model.name="{model}"',
         f'output_dir="{output_dir}"',
@@ -115,18 +116,29 @@ def bench_config(preset: str, tiny: bool, cpu: bool, output_dir: str):
     ]
     notes = [
         f"epoch cut to 1 sampling batch ({samples} samples; the preset: "
-        f"{sample.num_batches_per_epoch}) and one optimizer step",
+        f"{sample.num_batches_per_epoch} of {sample.batch_size}) and one optimizer step",
     ]
-    if tiny:  # a test of the plumbing, in seconds: the tiny model's size, 2 steps
+    if tiny:  # a test of the plumbing, in seconds: the tiny model's size, 2 steps, 8 prompts,
+        # one training batch
         steps = min(sample.num_steps, 2)
         overrides += ["sample.resolution=0", f"sample.num_steps={steps}"]
+        overrides += [f"sample.batch_size={samples}"]
+        if sample.group_size > 1:
+            overrides.append(f"sample.group_size={math.gcd(sample.group_size, samples)}")
         if sample.sde_window_size:
             size = min(sample.sde_window_size, steps)
             overrides.append(f"sample.sde_window_size={size}")
             overrides.append(
                 f"sample.sde_window_range={min(sample.sde_window_range, steps - size + 1)}"
             )
-        notes.append(f"tiny: the tiny model at its own size, {steps} steps")
+        from ddpo_lite.trainer import load_prompts
+
+        prompts = load_prompts(config.prompts)[:8]  # encoding 135 prompts on a CPU: seconds
+        overrides += ['prompts.file=""', f"prompts.prompts={json.dumps(prompts)}"]
+        notes.append(
+            f"tiny: the tiny model at its own size, {steps} steps, {len(prompts)} prompts, "
+            f"sampling batch {samples}"
+        )
         targets = config.lora.target_modules
         kept = [t for t in targets if not re.search(r"blocks\.[1-9]\d*\.", t)]
         if kept != targets:  # a published model's blocks 1.. that the tiny one does not have
