@@ -2,8 +2,9 @@
 
     ddpo-lite bench --preset tiny --epochs 2            # run it: peak memory, samples/s, s/epoch
     ddpo-lite bench --preset aesthetic --model sd15-random --estimate   # predict, run nothing
-    ddpo-lite bench --preset tiny --vs-pipeline         # rollout vs StableDiffusionPipeline
+    ddpo-lite bench --preset tiny --vs-pipeline         # rollout vs the family's own pipeline
     ... --json                                          # one JSON object instead of a table
+    python -m ddpo_lite.bench.suite                     # every GPU preset (scripts/gpu_bench.sh)
 
 A run goes through the epoch as the trainer does (rollout -> reward -> update), but with its phases
 one after the other (the trainer overlaps the reward with sampling), so that each has its own
@@ -13,8 +14,11 @@ and is not timed when there are more. Peak memory on a GPU is the CUDA caching a
 it: the first epoch runs under the dispatch counter of estimate.py (live tensor bytes, weights
 included) and the numbers are marked `"peak_source": "dispatch-counter"`.
 
-`--model sd15-random` builds SD 1.5 (and, for model-based rewards, CLIP ViT-L/14 with the
-aesthetic head) from their configs with random weights: nothing is downloaded.
+`--model sd15-random` (sdxl-random, sd35-random, flux-dev-random, flux2-klein-random) builds
+the published architecture from its config with random weights, on the run's device: nothing
+is downloaded. A model reward on them (and on the tiny models) is the model the estimate counts
+for it, with random weights (`build_bench_reward`). The run is set up by the trainer's own
+`build_components`, so every family and every lever goes through the trainer's code.
 """
 
 from __future__ import annotations
