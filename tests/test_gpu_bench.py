@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpo_lite.bench.suite import GPU_PRESETS, run_suite
+from ddpo_lite.bench.suite import GPU_PRESETS, markdown, run_suite
 
 ONE_PER_FAMILY = [
     "aesthetic",
@@ -70,6 +70,15 @@ def test_markdown_tables_have_every_cell_filled(suite):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(cells), row
+    assert "Not run" not in text
+    standing = {
+        "preset": "counting",
+        "status": "stood-for",
+        "by": "aesthetic",
+        "error": "measured by aesthetic: why",
+    }
+    text = markdown({**result, "presets": [*result["presets"], standing]})
+    assert "Measured by another preset:\n- counting: measured by aesthetic: why" in text
     assert "Not run" not in text
 
 

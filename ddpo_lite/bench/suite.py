@@ -172,7 +172,7 @@ def run_preset(
     cpu: bool = False,
     epochs: int = 2,
     compared: tuple[str, ...] = (),
-    pipeline_steps: int = 20,
+    pipeline_steps: int = 10,
     repeats: int = 1,
 ) -> dict:
     """Benchmark one preset; `part` holds the result so far after each stage. The pipeline
@@ -303,7 +303,7 @@ def run_suite(
     tiny: bool = False,
     cpu: bool = False,
     epochs: int = 2,
-    pipeline_steps: int = 20,
+    pipeline_steps: int = 10,
     repeats: int = 1,
     isolate: bool = True,
     min_start_s: float = MIN_START_S,
@@ -318,6 +318,7 @@ def run_suite(
         "budget_s": budget_s,
         "epochs": epochs,
         "pipeline_steps": pipeline_steps,
+        "repeats": repeats,
         "presets": [],
     }
     compared: list[str] = []
@@ -330,7 +331,8 @@ def run_suite(
             measured = {r["preset"] for r in suite["presets"] if r.get("measurement")}
             if preset in STANDS_FOR and STANDS_FOR[preset][0] in measured:
                 by, why = STANDS_FOR[preset]
-                result = {"preset": preset, "status": "stood-for", "by": by, "error": why}
+                result = {"preset": preset, "status": "stood-for", "by": by,
+                          "error": f"measured by {by}: {why}"}  # fmt: skip
             elif left < min_start_s:
                 result = {"preset": preset, "status": "skipped",
                           "error": f"budget: {max(left, 0):.0f} s of {budget_s:.0f} s left"}  # fmt: skip
@@ -421,14 +423,23 @@ def markdown(suite: dict) -> str:
             f"| {name} | {model} | {px} | {measured['seconds_per_epoch']:.1f} | "
             f"{measured['samples_per_second']:.2f} | {' | '.join(cells)} |"
         )
-    source = {r["measurement"]["peak_source"] for r in suite["presets"] if r.get("measurement")}
+    ran = [r["measurement"] for r in suite["presets"] if r.get("measurement")]
+    source = sorted({m["peak_source"] for m in ran}) or ["n/a"]
     head = (
-        f"Mode: {suite['mode']}; {suite['epochs']} epochs of one sampling batch, the first "
-        f"burn-in; peaks by {', '.join(sorted(source)) or 'n/a'}; diff = (estimate - measured) "
-        "/ measured."
+        f"{suite['mode']} on {ran[0]['device'] if ran else 'n/a'}, torch "
+        f"{ran[0]['torch'] if ran else 'n/a'}. Each preset with its own levers, {suite['epochs']} "
+        "epoch(s) of one sampling batch and one optimizer step (the first epoch burn-in when "
+        f"there are more); peaks by {', '.join(source)}; diff = (estimate - measured) / "
+        "measured; the estimate for the same cut config. Rollout vs the family's diffusers "
+        f"pipeline on the first preset of each family, at min(preset's steps, "
+        f"{suite['pipeline_steps']}) steps, {suite['repeats']} timed round(s) after the epochs."
     )
     notes = sorted({f"- {r['preset']}: {n}" for r in suite["presets"] for n in _notes(r)})
+    stood = [f"- {r['preset']}: {r['error']}" for r in suite["presets"] if r.get("by")]
+    others = [line for line in others if line not in stood and ": stood-for: " not in line]
     parts = [head, "", *memory, "", *speed]
+    if stood:
+        parts += ["", "Measured by another preset:", *stood]
     if others:
         parts += ["", "Not run or not finished:", *others]
     if notes:
@@ -463,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--epochs", type=int, default=2, help="per preset, the first burn-in (default 2)"
     )
-    parser.add_argument("--pipeline-steps", type=int, default=20,
-                        help="cap on the steps of the pipeline comparison (default 20)")  # fmt: skip
+    parser.add_argument("--pipeline-steps", type=int, default=10,
+                        help="cap on the steps of the pipeline comparison (default 10)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1, help="timed rounds of the comparison")
     parser.add_argument("--in-process", action="store_true", help="no subprocess per preset")
     parser.add_argument("--min-start-s", type=float, default=MIN_START_S, help=argparse.SUPPRESS)
