@@ -116,8 +116,8 @@ def bench_config(preset: str, tiny: bool, cpu: bool, output_dir: str):
         f"train.gradient_accumulation={max(1, math.ceil(samples / config.train.batch_size))}",
     ]
     notes = [
-        f"epoch cut to 1 sampling batch ({samples} samples; the preset: "
-        f"{sample.num_batches_per_epoch} of {sample.batch_size}) and one optimizer step",
+        f"epoch cut to 1 sampling batch of {samples} (the preset: {sample.num_batches_per_epoch} "
+        f"batches of {sample.batch_size}) and one optimizer step",
     ]
     if tiny:  # a test of the plumbing, in seconds: the tiny model's size, 2 steps, 8 prompts,
         # one training batch
@@ -389,6 +389,7 @@ def markdown(suite: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     others = []
+    compared = {r["family"]: r["preset"] for r in suite["presets"] if r.get("vs_pipeline")}
     for result in suite["presets"]:
         name = result["preset"]
         measured = result.get("measurement")
@@ -419,7 +420,7 @@ def markdown(suite: dict) -> str:
                 str(versus["steps"]),
             ]
         else:
-            cells = ["see the family's first preset"] * 4 + ["-"]
+            cells = [f"see {compared.get(result['family'], 'n/a')}"] * 4 + ["-"]
         speed.append(
             f"| {name} | {model} | {px} | {measured['seconds_per_epoch']:.1f} | "
             f"{measured['samples_per_second']:.2f} | {' | '.join(cells)} |"
