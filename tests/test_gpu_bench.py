@@ -166,3 +166,15 @@ def test_quantize_denoiser_swaps_in_the_reloaded_model(monkeypatch):
     assert list(after) == list(before.state_dict())
     for name, weight in before.state_dict().items():
         torch.testing.assert_close(after[name], weight, msg=name)
+
+
+def test_a_quantized_preset_is_skipped_with_the_reason_where_bitsandbytes_cannot_run(tmp_path):
+    import torch
+
+    from ddpo_lite.bench.suite import run_preset
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU: the NF4 preset would run")
+    result = run_preset("flux-pickscore", tmp_path / "part.json", tiny=True)
+    assert result["status"] == "skipped" and "quantize_base = 'nf4'" in result["error"]
+    assert json.loads((tmp_path / "part.json").read_text())["status"] == "skipped"

@@ -185,6 +185,15 @@ def run_preset(
     with tempfile.TemporaryDirectory(prefix="ddpo-bench-run-") as output_dir:
         config, family, notes = bench_config(preset, tiny, cpu, output_dir)
         result.update(family=family, model=config.model.name, notes=notes)
+        if config.memory.quantize_base in ("nf4", "int8"):
+            from ddpo_lite.models.loading import ModelLoadError, check_bitsandbytes
+
+            try:
+                check_bitsandbytes(config.memory.quantize_base)
+            except ModelLoadError as err:  # not this preset's failure: this machine's
+                result.update(status="skipped", stage="setup", error=str(err))
+                _write_json(part, result)
+                return result
         from ddpo_lite.bench.bench import Run, measure, random_clip, vs_pipeline
         from ddpo_lite.bench.estimate import (
             ALLOCATOR_OVERHEAD,
