@@ -194,14 +194,8 @@ def run_preset(
                 result.update(status="skipped", stage="setup", error=str(err))
                 _write_json(part, result)
                 return result
-        from ddpo_lite.bench.bench import Run, measure, random_clip, vs_pipeline
-        from ddpo_lite.bench.estimate import (
-            ALLOCATOR_OVERHEAD,
-            VIT_H_REWARDS,
-            _reward_names,
-            build_meta_models,
-            estimate,
-        )
+        from ddpo_lite.bench.bench import Run, measure, vs_pipeline
+        from ddpo_lite.bench.estimate import ALLOCATOR_OVERHEAD
 
         start = time.perf_counter()
         run = Run(config, None)
@@ -215,13 +209,7 @@ def run_preset(
             )
         result["stage"] = "estimate"
         _write_json(part, result)
-        models = build_meta_models(estimated)
-        if tiny and models.reward is not None:  # the tiny reward towers the run scores with
-            vit_h = any(r in VIT_H_REWARDS for r in _reward_names(estimated))
-            vision, text = random_clip("meta", vit_h, tiny=True)
-            models.reward = vision.to(models.reward_dtype).eval()
-            models.reward_text = None if text is None else text.to(models.reward_dtype).eval()
-        result["estimate"] = estimate(estimated, models=models).to_dict()
+        result["estimate"] = _estimate(estimated, tiny)
         result["estimate_reserved_factor"] = 1 + ALLOCATOR_OVERHEAD  # reserved = allocated x it
         result["stage"] = "measure"
         _write_json(part, result)
@@ -236,6 +224,21 @@ def run_preset(
     result["status"], result["stage"] = "ok", "done"
     _write_json(part, result)
     return result
+
+
+def _estimate(config, tiny: bool) -> dict:
+    """The estimate of `config`; on the tiny models with the tiny reward towers the run scores
+    with (the estimate would count the published CLIP towers)."""
+    from ddpo_lite.bench.bench import random_clip
+    from ddpo_lite.bench.estimate import VIT_H_REWARDS, _reward_names, build_meta_models, estimate
+
+    models = build_meta_models(config)
+    if tiny and models.reward is not None:
+        vit_h = any(r in VIT_H_REWARDS for r in _reward_names(config))
+        vision, text = random_clip("meta", vit_h, tiny=True)
+        models.reward = vision.to(models.reward_dtype).eval()
+        models.reward_text = None if text is None else text.to(models.reward_dtype).eval()
+    return estimate(config, models=models).to_dict()
 
 
 def _worker(args) -> int:
