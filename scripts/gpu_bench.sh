@@ -30,13 +30,15 @@ if [ -z "${DDPO_LITE_BENCH_TMP:-}" ] && [ "${shm_kb:-0}" -gt 40000000 ]; then
     export DDPO_LITE_BENCH_TMP=/dev/shm
 fi
 python3 - <<'PY' 2>&1 | tee -a "$OUT/bench.log"
-import importlib.util
+from importlib import metadata
 
 import torch
 
 print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU", torch.cuda.is_available())
 for name in ("diffusers", "transformers", "peft", "accelerate", "bitsandbytes"):
-    spec = importlib.util.find_spec(name)
-    print(name, "missing" if spec is None else __import__(name).__version__)
+    try:
+        print(name, metadata.version(name))
+    except metadata.PackageNotFoundError:
+        print(name, "missing")
 PY
 python3 -m ddpo_lite.bench.suite --out "$OUT" "$@"
