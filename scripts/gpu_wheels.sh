@@ -12,7 +12,7 @@
 #     bitsandbytes 0.50.2        13.3 MiB   slimmed from 41.1 MiB: only its CPU and CUDA 12.8 /
 #                                           13.0 / 13.2 libraries (the CUDA 11.8-12.6, ROCm and
 #                                           XPU builds are dropped; the wheel's RECORD with them)
-#     total                      19.5 MiB   plus the tracked tree (~14.4 MiB): ~34 MiB of the
+#     total                      19.4 MiB   plus the tracked tree (~14.4 MiB): ~34 MiB of the
 #                                           64 MiB a device call may carry
 # BNB_FULL=1 keeps the whole bitsandbytes wheel (~62 MiB in all: it fits, barely). Without
 # bitsandbytes at all, 8-bit Adam falls back to torch AdamW (said per preset in bench.json and
