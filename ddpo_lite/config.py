@@ -106,8 +106,11 @@ class TrainConfig:
     first_steps: int = 0
     """Train only on the first this many denoising steps (the noisiest, where the layout is
     decided); 0 = all. timestep_fraction then draws from these."""
-    timestep_chunk: int = 0
-    """Timesteps per forward+backward; 0 means all of a sample's trained timesteps at once."""
+    timestep_chunk: int = 1
+    """Timesteps per forward+backward (0 = all of a sample's trained timesteps at once, whose
+    memory grows with steps x batch). The default 1 is the DDPO authors' loop, so a run never
+    needs more memory than theirs; a preset sets the largest its card fits (`train --vram`
+    picks it), and the gradient is the same at every chunk (tested)."""
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     max_grad_norm: float = 1.0
@@ -178,6 +181,14 @@ class MemoryConfig:
     through diffusers' BitsAndBytesConfig at load (a CUDA GPU and bitsandbytes needed); 'fp8'
     (float8_e4m3fn storage, each layer upcast to the autocast dtype for its matmul: diffusers'
     `enable_layerwise_casting`, any device); 'none'."""
+    encode_batch_size: int = 64
+    """Prompts per text-encoder forward when the prompt list is encoded at setup. The encoders
+    keep hidden states of every layer (FLUX.2's Qwen3: 37 x 512 tokens x 2560 per prompt, 97
+    MB in bf16): 8 holds 0.8 GB where 64 holds 6.2 GB, on the GPU or with encode_on_cpu in RAM."""
+    compile_blocks: bool = False
+    """torch.compile the denoiser's repeated blocks (diffusers' `compile_repeated_blocks`:
+    regional compilation, the transformer blocks). The first calls of each shape compile
+    (seconds to minutes), later ones run faster; the CPU needs a C++ compiler."""
     drop_t5: bool = False
     """SD3 only: load without the T5-XXL text encoder (4.7B parameters; text_encoder_3=None,
     the pipeline's documented option: its tokens are zeros). Saves the encoder's 9.5 GB visit at
@@ -221,6 +232,9 @@ class EvalConfig:
     """At most this many prompts per group (0 = all)."""
     seed: int = 20231
     """Prompt j of every evaluation starts from the noise of seed + j."""
+    num_steps: int = 0
+    """Denoising steps of the evaluation's sampler (0 = sample.num_steps): training may sample
+    with fewer steps than it is judged at (Flow-GRPO: 10 in training, 40 at evaluation)."""
 
 
 @dataclass
@@ -235,7 +249,11 @@ class GuardConfig:
     min_diversity: float = 0.0
     """Stop when the diversity of the epoch's samples falls below this."""
     kl_samples: int = 4
-    """Trajectories per epoch on which kl_to_base is measured (0 = not measured)."""
+    """Trajectories on which kl_to_base is measured (0 = never measured)."""
+    kl_every: int = 10
+    """Measure kl_to_base every this many epochs and after the last (1 = every epoch, 0 = only
+    for guard.max_kl). guard.max_kl measures it every epoch. Each measurement costs 2 x
+    kl_samples x sample.num_steps guided forward passes; its seconds are logged (kl_seconds)."""
 
 
 @dataclass
@@ -361,6 +379,9 @@ class Config:
             ("guard.max_kl", self.guard.max_kl >= 0, "a number >= 0 (0 = off)"),
             ("guard.min_diversity", self.guard.min_diversity >= 0, "a number >= 0 (0 = off)"),
             ("guard.kl_samples", self.guard.kl_samples >= 0, "an integer >= 0"),
+            ("eval.num_steps", self.eval.num_steps >= 0, "an integer >= 0 (0 = sample's)"),
+            ("memory.encode_batch_size", self.memory.encode_batch_size >= 1, "an integer >= 1"),
+            ("guard.kl_every", self.guard.kl_every >= 0, "an integer >= 0 (0 = only for max_kl)"),
             ("reward.retries", self.reward.retries >= 0, "an integer >= 0"),
             ("reward.backoff", self.reward.backoff >= 0, "a number >= 0 (seconds)"),
             ("lora.alpha", self.lora.alpha > 0, "a number > 0"),

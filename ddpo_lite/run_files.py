@@ -173,7 +173,7 @@ def epoch_summary(epoch: int, num_epochs: int, row: dict) -> str:
     if "clipfrac" in row:
         parts.append(f"clip {row['clipfrac']:.3f}")
     if "kl_to_base" in row:
-        parts.append(f"kl to base {row['kl_to_base']:.3g}")
+        parts.append(f"kl to base {row['kl_to_base']:.3g} ({row['kl_seconds']:.1f} s)")
     if "diversity" in row:
         parts.append(f"diversity {row['diversity']:.3g}")
     if "eval_reward_mean" in row:

@@ -12,6 +12,7 @@ The update itself is in `update.py`, the output folder's files in `run_files.py`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -71,7 +72,7 @@ from ddpo_lite.grid import make_grid
 from ddpo_lite.guard import Guard
 from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import attach_lora, save_lora
-from ddpo_lite.models.memory import apply_memory_settings
+from ddpo_lite.models.memory import apply_memory_settings, compile_blocks
 from ddpo_lite.policy import Policy
 from ddpo_lite.reward_worker import RewardWorker
 from ddpo_lite.rewards.compose import CheckedReward, RewardError, build_reward
@@ -202,17 +203,21 @@ def make_scheduler(pipe, num_steps: int, device) -> DDIMScheduler:
     return scheduler
 
 
-def make_sampler(pipe, family, config: Config, resolution: int, device):
-    """The family's sampler with the config's steps and noise: DDIM with eta for the UNets,
-    Flow-GRPO's SDE (or CPS) on the pipeline's own FlowMatch sigmas for the flow models."""
+def make_sampler(
+    pipe, family, config: Config, resolution: int, device, num_steps: int | None = None
+):
+    """The family's sampler with the config's steps (or `num_steps`) and noise: DDIM with eta
+    for the UNets, Flow-GRPO's SDE (or CPS) on the pipeline's own FlowMatch sigmas for the flow
+    models."""
+    steps = num_steps or config.sample.num_steps
     if family.sampler == "ddim" and config.sample.sampler == "dpm-solver":
         scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        scheduler.set_timesteps(config.sample.num_steps, device=device)
+        scheduler.set_timesteps(steps, device=device)
         return DPMSolverSampler(scheduler)
     if family.sampler == "ddim":
-        return DDIMSampler(make_scheduler(pipe, config.sample.num_steps, device), config.sample.eta)
+        return DDIMSampler(make_scheduler(pipe, steps, device), config.sample.eta)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    set_flow_timesteps(pipe, scheduler, config.sample.num_steps, resolution, device)
+    set_flow_timesteps(pipe, scheduler, steps, resolution, device)
     return FlowSDESampler(scheduler, config.sample.eta, config.sample.flow_sampler)
 
 
@@ -270,6 +275,16 @@ def make_policy(pipe, config: Config, device, autocast, denoiser=None) -> Policy
     )
 
 
+def eval_policy(policy: Policy, config: Config, device) -> Policy:
+    """The policy the held-out evaluation samples with: the training policy (same denoiser,
+    prompt cache), with a sampler of eval.num_steps steps when that differs."""
+    steps = config.eval.num_steps
+    if not steps or steps == config.sample.num_steps:
+        return policy
+    sampler = make_sampler(policy.pipe, policy.family, config, policy.resolution, device, steps)
+    return dataclasses.replace(policy, sampler=sampler)
+
+
 @dataclass
 class Components:
     """The pieces of a run, set up from a config: the policy (sampling with the plain denoiser)
@@ -305,6 +320,8 @@ def build_components(config: Config, accelerator: Accelerator, pipe=None) -> Com
     denoiser = family_of(pipe).denoiser(pipe)
     torch.manual_seed(config.seed)  # the LoRA's initial A matrices (B starts at zero)
     params = attach_lora(denoiser, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+    if config.memory.compile_blocks:  # after the LoRA: its layers are inside the compiled blocks
+        compile_blocks(denoiser, getattr(family_of(pipe), "repeated_blocks", ()))
     optimizer = make_optimizer(params, config.train, config.memory.use_8bit_adam, device)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     denoiser.eval()
@@ -461,8 +478,9 @@ class TrainingLoop:
         self.console = console or Console(soft_wrap=True, markup=False)  # text prints as text
         self.progress: Progress | None = None  # train() sets it: evaluations show a bar too
         self.run = build_components(config, accelerator)
+        self.eval_policy = eval_policy(self.run.policy, config, accelerator.device)
         if len(prompts) <= PRELOAD_PROMPTS:
-            self.run.policy.encoder.preload(prompts)
+            self.run.policy.encoder.preload(prompts, config.memory.encode_batch_size)
         self.tracker = (
             PerPromptStatTracker(config.advantages.buffer_size, config.advantages.min_count)
             if config.advantages.per_prompt_stat_tracking
@@ -584,7 +602,7 @@ class TrainingLoop:
                 "trajectory and were dropped from the update",
                 stacklevel=2,
             )
-        drift = self.drift(samples)
+        drift = self.drift(samples, epoch)
 
         # 4. update
         total = optimizer_steps(config, len(trajectory))
@@ -633,13 +651,16 @@ class TrainingLoop:
             self.console.print(epoch_summary(epoch, config.num_epochs, row))
         return row
 
-    def drift(self, samples: EpochSamples) -> dict[str, float]:
-        """KL from the base model along this epoch's first trajectories, and sample diversity."""
+    def drift(self, samples: EpochSamples, epoch: int) -> dict[str, float]:
+        """Sample diversity; on the epochs `measures_kl` picks, the KL from the base model along
+        this epoch's first trajectories and the seconds it took."""
         config = self.config
         row = {"diversity": diversity(samples.images, samples.prompts)}
-        if config.guard.kl_samples and config.train.algorithm not in TRAJECTORY_FREE:
+        if measures_kl(config, epoch):
+            start = time.perf_counter()
             kl = trajectory_kl(self.run.policy, samples.trajectory, config.guard.kl_samples)
             row["kl_to_base"] = float(kl.mean())
+            row["kl_seconds"] = time.perf_counter() - start
         return row
 
     def evaluate(self, epochs_done: int) -> dict[str, float]:
@@ -656,7 +677,7 @@ class TrainingLoop:
             )
             evaluate_policy = functools.partial(
                 evaluate,
-                run.policy,
+                self.eval_policy,
                 self.eval_groups,
                 self.reward,
                 num_per_prompt=config.eval.num_per_prompt,
@@ -838,6 +859,18 @@ def sample_epoch(
     wait = time.perf_counter() - waited_from
     rewards = np.concatenate([values for values, _ in scores])
     return EpochSamples(images, texts, Trajectory.cat(parts, chain), rewards, wait)
+
+
+def measures_kl(config: Config, epoch: int) -> bool:
+    """Whether epoch `epoch` (0-based) measures kl_to_base: every epoch for guard.max_kl, else
+    every guard.kl_every epochs and after the last; never without a trajectory to measure on."""
+    guard = config.guard
+    if not guard.kl_samples or config.train.algorithm in TRAJECTORY_FREE:
+        return False
+    last = epoch + 1 == config.num_epochs
+    return bool(guard.max_kl) or (
+        guard.kl_every > 0 and ((epoch + 1) % guard.kl_every == 0 or last)
+    )
 
 
 def sde_window(sample, generator: torch.Generator) -> range | None:

@@ -7,6 +7,8 @@ before any GPU has run it. Predictions, not measurements: the estimate's assumpt
 
     OMP_NUM_THREADS=1 python scripts/estimate_levers.py [--preset sdxl-aesthetic] [--res 1024 768 512]
     OMP_NUM_THREADS=1 python scripts/estimate_levers.py --preset sd35-pickscore --res 512 1024
+    OMP_NUM_THREADS=1 python scripts/estimate_levers.py --preset sd35-pickscore --res 512 1024 \
+        --set 'model.name="stabilityai/stable-diffusion-3.5-large"'     # SD3.5 Large
 
 A flow-matching transformer preset (SD3) gets its own steps (`FLOW_STEPS`: no attention step,
 its processors are SDPA already; then the quantized base and where the text encoders run), and
@@ -109,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="sdxl-aesthetic")
     parser.add_argument("--res", type=int, nargs="+", default=[1024, 768, 512])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     header = "| levers (cumulative) | " + " | ".join(f"{r} px" for r in args.res) + " |"
     rows = [header, "|" + " --- |" * (len(args.res) + 1)]
@@ -119,7 +122,7 @@ def main() -> None:
             overrides = row
         cells = []
         for res in args.res:
-            config = load_config(args.preset, [*row, f"sample.resolution={res}"])
+            config = load_config(args.preset, [*args.set, *row, f"sample.resolution={res}"])
             result = estimate(config)
             largest = max(result.phases, key=lambda n: result.phases[n].peak_bytes)
             cells.append(f"{result.device_bytes / GiB:.2f} ({largest})")

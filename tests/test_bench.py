@@ -161,3 +161,20 @@ def test_select_for_vram_refuses_an_impossible_budget(tmp_path):
         select_for_vram(config, 0.1)  # below the CUDA context alone
     with pytest.raises(ConfigError, match="--vram"):
         select_for_vram(config, 0)
+
+
+def test_the_built_in_default_never_needs_more_than_the_authors_loop():
+    """Issue 20: with no preset, training runs one timestep per forward+backward over the train
+    batch, as ddpo-pytorch does (its memory), not all 50 at once (50x the activations)."""
+    from ddpo_lite.bench.estimate import build_meta_models
+    from ddpo_lite.config import load_config
+
+    sd15 = ['model.name="sd15-random"', "memory.cpu=false"]
+    default = load_config(None, sd15)
+    models = build_meta_models(default, 512)  # one meta SD 1.5 for the three estimates
+
+    def peak(*overrides: str) -> int:
+        config = load_config(None, [*sd15, *overrides])
+        return estimate(config, models).phases["training"].peak_bytes
+
+    assert peak() <= peak("train.timestep_chunk=1") < peak("train.timestep_chunk=0")

@@ -168,6 +168,21 @@ def test_flux_encoders_read_their_pipelines_token_counts():
     assert encode_peak(models2, 8) > encode_peak(models2, 1) > 0
 
 
+def test_smaller_encode_batches_shrink_the_encoding_phase():
+    """memory.encode_batch_size: the prompt list through the text encoder 1 prompt at a time
+    holds less than 8 at a time; with encode_on_cpu only the arriving embeddings count."""
+    prompts = "prompts.prompts=['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h']"
+    on_gpu = [prompts, "memory.encode_on_cpu=false", "memory.offload_text_encoder=false"]
+    models = build_meta_models(_tiny("tiny-flux2"))
+
+    def encoding(*extra: str) -> int:
+        return estimate(_tiny("tiny-flux2", *extra), models).phases["prompt encoding"].peak_bytes
+
+    assert encoding(*on_gpu, "memory.encode_batch_size=1") < encoding(*on_gpu)
+    on_cpu = [prompts, "memory.encode_on_cpu=true"]
+    assert encoding(*on_cpu, "memory.encode_batch_size=1") < encoding(*on_cpu)
+
+
 @pytest.mark.parametrize("name", ["flux", "klein"])
 def test_quantized_bases_shrink_the_published_transformers(name, request):
     """Every Linear of the published transformers by bitsandbytes' storage formula: int8 about

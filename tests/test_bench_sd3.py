@@ -112,8 +112,19 @@ def test_resolution_and_t5_options():
         build_sd3_pipeline(resolution=520, device="meta")
 
 
+def test_sd35_large_has_its_published_size():
+    """SD3.5 Large's model card: 8.1B parameters (38 blocks of width 2432, no dual attention);
+    the estimate builds it for its hub id and for sd35-large-random."""
+    hub_id = 'model.name="stabilityai/stable-diffusion-3.5-large"'
+    models = build_meta_models(load_config(None, [hub_id, "memory.drop_t5=true"]), 512)
+    assert n_params(models.denoiser) == pytest.approx(8.1e9, rel=0.01)
+    assert not any(b.use_dual_attention for b in models.denoiser.transformer_blocks)
+    assert "SD3.5 Large" in models.note
+
+
 def test_names_the_estimate_reads_as_sd3():
-    for name in (SD35_RANDOM, "stabilityai/stable-diffusion-3.5-medium", "tiny-sd3"):
+    names = (SD35_RANDOM, "sd35-large-random", "stabilityai/stable-diffusion-3.5-medium")
+    for name in (*names, "tiny-sd3"):
         assert is_sd3(load_config(None, [f'model.name="{name}"']))
     assert not is_sd3(load_config(None, ['model.name="sdxl-random"']))
 

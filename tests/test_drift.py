@@ -12,9 +12,11 @@ from conftest import tiny_config
 from diffusers import DDIMScheduler
 from PIL import Image
 
+from ddpo_lite import trainer
 from ddpo_lite.config import GuardConfig
 from ddpo_lite.drift import diversity, trajectory_kl
 from ddpo_lite.guard import Guard
+from ddpo_lite.run_files import epoch_summary
 from ddpo_lite.sampling import ddim_kl
 from ddpo_lite.trainer import build_components, make_accelerator, train
 from ddpo_lite.update import UpdateSettings, accumulate_step
@@ -157,12 +159,37 @@ def test_guard_rules():
 
 def test_metrics_carry_kl_and_diversity(tmp_path):
     config = tiny_config(
-        tmp_path, "num_epochs=2", "sample.num_steps=3", "sample.num_batches_per_epoch=1"
+        tmp_path,
+        "num_epochs=2",
+        "sample.num_steps=3",
+        "sample.num_batches_per_epoch=1",
+        "guard.kl_every=1",
     )
     rows = train(config, show_progress=False).metrics
     assert rows[0]["kl_to_base"] == 0  # the first epoch samples from the base model
-    assert rows[1]["kl_to_base"] > 0
+    assert rows[1]["kl_to_base"] > 0 and rows[1]["kl_seconds"] > 0
     assert 0 < rows[1]["diversity"] < 1
+    assert "kl to base" in epoch_summary(1, 2, rows[1])
+
+
+def test_kl_is_measured_only_on_the_epochs_that_use_it(tmp_path, monkeypatch):
+    """Every guard.kl_every epochs and after the last; every epoch for guard.max_kl; never at
+    kl_every 0 without max_kl. Counted on the trainer's calls of trajectory_kl."""
+    calls = []
+    real = trainer.trajectory_kl
+    monkeypatch.setattr(trainer, "trajectory_kl", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = ["num_epochs=5", "sample.num_steps=2", "sample.num_batches_per_epoch=1"]
+    rows = train(
+        tiny_config(tmp_path / "a", *common, "guard.kl_every=2"), show_progress=False
+    ).metrics
+    assert ["kl_to_base" in row for row in rows] == [False, True, False, True, True]
+    assert len(calls) == 3
+    config = tiny_config(tmp_path / "b", *common, "guard.kl_every=0")
+    assert not trainer.measures_kl(config, 4)
+    config.guard.max_kl = 10.0
+    assert all(trainer.measures_kl(config, e) for e in range(5))
+    config.guard.kl_samples = 0
+    assert not any(trainer.measures_kl(config, e) for e in range(5))
 
 
 def test_the_guard_stops_a_drifting_run_and_says_why(tmp_path, capsys):
@@ -174,6 +201,7 @@ def test_the_guard_stops_a_drifting_run_and_says_why(tmp_path, capsys):
         "sample.num_batches_per_epoch=1",
         "train.learning_rate=5e-2",
         "log_with=[]",
+        "guard.kl_every=1",
     ]
     free = train(tiny_config(tmp_path / "free", *common), show_progress=False)
     kls = [row["kl_to_base"] for row in free.metrics]

@@ -10,11 +10,12 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
+from ddpo_lite import trainer
 from ddpo_lite.cli import main
 from ddpo_lite.evaluate import compare, evaluate, read_prompt_file
 from ddpo_lite.grid import CAPTION, CELL
 from ddpo_lite.run_files import epoch_summary
-from ddpo_lite.trainer import build_components, make_accelerator, train
+from ddpo_lite.trainer import build_components, eval_policy, make_accelerator, train
 
 
 def _brightness(images, prompts, metadata):
@@ -51,6 +52,27 @@ def test_two_evaluations_of_the_same_weights_are_identical(tmp_path, heldout):
     assert not np.array_equal(first["animals"].rewards, other["animals"].rewards)
     rows = compare(first, second)
     assert all(row["difference"] == 0 for row in rows)
+
+
+def test_eval_num_steps_samples_the_evaluation_with_its_own_steps(tmp_path):
+    """Training at 2 steps, judged at 4: the evaluation equals one of a policy built at 4 steps
+    (same noise, same weights); eval.num_steps 0 is the training policy itself."""
+    groups = {"animals": ["a red fox", "an owl"]}
+    config = tiny_config(tmp_path, "sample.num_steps=2", "eval.num_steps=4")
+    accelerator = make_accelerator(config)
+    run = build_components(config, accelerator)
+    judged = eval_policy(run.policy, config, accelerator.device)
+    assert len(judged.sampler.scheduler.timesteps) == 4 and judged.denoiser is run.denoiser
+    assert len(run.policy.sampler.scheduler.timesteps) == 2
+    at_four = build_components(tiny_config(tmp_path, "sample.num_steps=4"), accelerator).policy
+    ours = evaluate(judged, groups, _brightness, num_per_prompt=2, seed=3)
+    reference = evaluate(at_four, groups, _brightness, num_per_prompt=2, seed=3)
+    trained = evaluate(run.policy, groups, _brightness, num_per_prompt=2, seed=3)
+    accelerator.end_training()
+    np.testing.assert_array_equal(ours["animals"].rewards, reference["animals"].rewards)
+    assert not np.array_equal(ours["animals"].rewards, trained["animals"].rewards)
+    config.eval.num_steps = 0
+    assert eval_policy(run.policy, config, "cpu") is run.policy
 
 
 def eval_run_config(tmp_path, heldout, *overrides: str):
@@ -104,7 +126,7 @@ def test_the_epoch_line_shows_each_groups_change_from_the_base():
     assert "eval 0.9  train +0.165 ± 0.028  heldout -0.012 ± 0.019" in line
 
 
-def test_the_final_lora_is_evaluated_whatever_eval_every(tmp_path, heldout):
+def test_the_final_lora_is_evaluated_whatever_eval_every(tmp_path, heldout, monkeypatch):
     config = eval_run_config(
         tmp_path,
         heldout,
@@ -112,8 +134,18 @@ def test_the_final_lora_is_evaluated_whatever_eval_every(tmp_path, heldout):
         "sample.num_steps=2",
         "eval.every=2",
         "eval.num_per_prompt=1",
+        "eval.num_steps=3",
     )
+    steps = []
+    real = trainer.evaluate
+
+    def spy(policy, *args, **kwargs):
+        steps.append(len(policy.sampler.scheduler.timesteps))
+        return real(policy, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", spy)
     result = train(config, reward_fn=_brightness, show_progress=False)
+    assert steps == [3, 3, 3]  # the baseline, epochs 2 and 3: eval.num_steps, not sample's 2
     evaluated = [row["epoch"] for row in result.metrics if "eval_reward_mean" in row]
     assert evaluated == [2, 3]
     names = sorted(p.name for p in (result.output_dir / "samples").glob("eval_epoch_*.png"))

@@ -16,7 +16,12 @@ import numpy as np
 import torch
 
 GOLDEN = Path(__file__).parent / "golden_sd1.json"
-SETTINGS = ["sample.num_steps=4", "sample.num_batches_per_epoch=1", "log_with=[]"]
+SETTINGS = [
+    "sample.num_steps=4",
+    "sample.num_batches_per_epoch=1",
+    "log_with=[]",
+    "guard.kl_every=1",
+]
 
 
 def compute(tmp_path: Path) -> dict[str, list[float]]:

@@ -217,7 +217,7 @@ def is_sdxl(config: Config) -> bool:
 
 def is_sd3(config: Config) -> bool:
     """Whether the config names an SD3 / SD3.5 model (by family, or by a name the estimate
-    knows: sd35-random, stabilityai/stable-diffusion-3*, tiny-sd3)."""
+    knows: sd35-random, sd35-large-random, stabilityai/stable-diffusion-3*, tiny-sd3)."""
     name = config.model.name.lower()
     return (
         config.model.family == "sd3"
@@ -279,12 +279,15 @@ def build_meta_models(config: Config, resolution: int | None = None) -> MetaMode
         if name != FLUX_DEV_RANDOM:
             note = f"model {name!r} estimated with FLUX.1-dev's published architecture"
     elif is_sd3(config):
-        from ddpo_lite.bench.sd3 import SD35_RANDOM, build_sd3_pipeline
+        from ddpo_lite.bench.sd3 import SD35_LARGE_RANDOM, SD35_RANDOM, build_sd3_pipeline
 
         resolution = resolution or config.sample.resolution or 1024
-        pipe = build_sd3_pipeline(resolution=resolution, device="meta", t5=not memory.drop_t5)
-        if name != SD35_RANDOM:
-            note = f"model {name!r} estimated with SD3.5 Medium's published architecture"
+        large = "large" in name.lower()
+        t5 = not memory.drop_t5
+        pipe = build_sd3_pipeline(resolution=resolution, device="meta", t5=t5, large=large)
+        if name not in (SD35_RANDOM, SD35_LARGE_RANDOM):
+            which = "Large" if large else "Medium"
+            note = f"model {name!r} estimated with SD3.5 {which}'s published architecture"
     elif is_sdxl(config):
         from ddpo_lite.bench.sdxl import SDXL_RANDOM, build_sdxl_pipeline
 
@@ -556,7 +559,7 @@ ENCODE_READS = {"flux": ((77, False), (512, False)), "flux2": ((512, True),)}
 
 def encode_peak(models: MetaModels, batch: int) -> int:
     """The text encoders on `batch` prompts, one after the other, each one's output kept (the
-    prompt encoder's preload batches of <= 64). CLIPs read 77 tokens, T5 the pipeline's 256
+    prompt encoder's preload batches, memory.encode_batch_size). CLIPs read 77 tokens, T5 the pipeline's 256
     (SD3); FLUX's and FLUX.2's as `ENCODE_READS` says."""
     from ddpo_lite.bench.sd3 import T5_MAX_SEQUENCE_LENGTH
 
@@ -803,16 +806,17 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
     per_batch = trajectory_bytes(sample.batch_size, steps, latent, cond_rows, final)
     epoch_traj = per_batch * sample.num_batches_per_epoch
 
-    # run start: the prompt encoder encodes the prompt list in batches of <= 64 (on the CPU
-    # with encode_on_cpu: then only the embeddings arrive)
+    # run start: the prompt encoder encodes the prompt list in batches of encode_batch_size
+    # (on the CPU with encode_on_cpu: then only the embeddings arrive)
+    encode_batch = min(memory.encode_batch_size, _num_prompts(config))
     if memory.encode_on_cpu:
-        arrived = min(64, _num_prompts(config)) * sum(cond_rows)
+        arrived = encode_batch * sum(cond_rows)
         encoding = PhaseEstimate(
             base + arrived, {**resident, "embeddings from the CPU encoders": arrived}
         )
     else:
         visit = text if memory.offload_text_encoder else 0
-        encode_t = transients.encode(min(64, _num_prompts(config)))
+        encode_t = transients.encode(encode_batch)
         encoding = PhaseEstimate(
             base + visit + encode_t,
             {**resident, "text_encoder_visit": visit, "transient (text encoder forward)": encode_t},

@@ -1,4 +1,4 @@
-"""Stable Diffusion 3.5 Medium, built from its published configs with random weights: the real
+"""Stable Diffusion 3.5 Medium (and Large), built from its published configs with random weights: the real
 shapes and FLOPs, nothing downloaded.
 
     pipe = build_sd3_pipeline(resolution=512, device="meta")        # for the estimate
@@ -40,6 +40,23 @@ SD35_MEDIUM_TRANSFORMER = {
     "patch_size": 2,
     "pooled_projection_dim": 2048,
     "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "sample_size": 128,
+}
+
+#: stabilityai/stable-diffusion-3.5-large's transformer: 38 blocks of width 2432 (38 heads x
+#: 64), no dual-attention blocks, RMS-normalised queries and keys; 8.1B parameters.
+SD35_LARGE_TRANSFORMER = {
+    "attention_head_dim": 64,
+    "caption_projection_dim": 2432,
+    "in_channels": 16,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 38,
+    "num_layers": 38,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
     "qk_norm": "rms_norm",
     "sample_size": 128,
 }
@@ -87,8 +104,9 @@ T5_MAX_SEQUENCE_LENGTH = 256
 
 SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 
-#: The model name the estimate accepts for SD3.5 Medium with random weights.
+#: The model names the estimate accepts for SD3.5 Medium / Large with random weights.
 SD35_RANDOM = "sd35-random"
+SD35_LARGE_RANDOM = "sd35-large-random"
 
 
 def build_sd3_pipeline(
@@ -97,8 +115,10 @@ def build_sd3_pipeline(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     t5: bool = True,
+    large: bool = False,
 ) -> StableDiffusion3Pipeline:
-    """SD3.5 Medium with random weights; `resolution` (pixels, a multiple of 16: the VAE's 8 x
+    """SD3.5 Medium (`large`: SD3.5 Large; the rest of the pipeline is the same) with random
+    weights; `resolution` (pixels, a multiple of 16: the VAE's 8 x
     the patch size 2) sets the transformer's sample_size, which the native resolution reads.
     On `device="meta"` no memory is allocated; `dtype` (default: float32) casts every model;
     `t5=False` builds it without T5 (text_encoder_3=None, the pipeline's documented option)."""
@@ -106,7 +126,8 @@ def build_sd3_pipeline(
         raise ValueError(f"resolution must be a multiple of 16, got {resolution}")
     from ddpo_lite.models.tiny import build_tiny_tokenizer
 
-    transformer_config = {**SD35_MEDIUM_TRANSFORMER, "sample_size": resolution // 8}
+    published = SD35_LARGE_TRANSFORMER if large else SD35_MEDIUM_TRANSFORMER
+    transformer_config = {**published, "sample_size": resolution // 8}
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(**transformer_config)

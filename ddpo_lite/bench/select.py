@@ -5,7 +5,7 @@ A config that already fits is returned as it is. Otherwise the levers are tried 
 
 1. the free ones, always: attention 'math' -> 'sdpa'; frozen weights in the autocast dtype
    (half_base, unless mixed_precision is 'no'); the text encoder off the accelerator (prompt
-   embeddings are cached); VAE slicing;
+   embeddings are cached); VAE slicing; the prompt list encoded 8 prompts at a time;
 2. then, in this order, until one fits: gradient checkpointing and the reward offload as the
    config has them; the reward model off the accelerator between calls (a transfer per sampling
    batch); gradient checkpointing on (about a third more training compute); both; then the
@@ -160,6 +160,7 @@ def select_for_vram(config: Config, vram_gb: float) -> tuple[Config, str]:
         free.memory.half_base = True
     free.memory.offload_text_encoder = True
     free.memory.vae_slicing = True
+    free.memory.encode_batch_size = min(free.memory.encode_batch_size, 8)  # setup only
     # 2. the reward model off the accelerator between calls; then 3-4 without/with checkpointing
     # the config's own setting of a lever is kept unless turning it on is needed (never off)
     ladder = []

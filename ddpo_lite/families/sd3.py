@@ -37,6 +37,7 @@ class _SD3:
     optional_components = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
     vae_fp32_in_fp16 = False
     denoiser_name = "transformer"
+    repeated_blocks = ("JointTransformerBlock",)  # memory.compile_blocks (diffusers names none)
     sampler = "flow"
     has_negative_prompt = True
 

@@ -56,6 +56,14 @@ def set_attention(unet: torch.nn.Module, backend: str) -> None:
         raise ValueError(f"unknown attention backend {backend!r}; expected sdpa, xformers or math")
 
 
+def compile_blocks(denoiser: torch.nn.Module, fallback: tuple[str, ...] = ()) -> None:
+    """Regional compilation: diffusers' `compile_repeated_blocks` on the denoiser, with
+    `fallback` as the block class names where the model class names none (SD3's MMDiT)."""
+    if not getattr(denoiser, "_repeated_blocks", None):
+        denoiser._repeated_blocks = list(fallback)
+    denoiser.compile_repeated_blocks()
+
+
 def apply_memory_settings(pipe, memory, device: torch.device) -> torch.dtype:
     """Freeze the pipeline's models, cast and place them, and switch on the configured levers.
 
