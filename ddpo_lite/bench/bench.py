@@ -361,7 +361,7 @@ class Run:
         self.optimizer, self.params = components.optimizer, components.params
         self.optimizer_name = type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__
         self.prompts = load_prompts(config.prompts)
-        self.policy.encoder.preload(self.prompts)
+        self.policy.encoder.preload(self.prompts, config.memory.encode_batch_size)
         self.reward, self.notes = build_bench_reward(config, self.device)
         self.generator = torch.Generator().manual_seed(config.seed)
         gc.collect()
