@@ -303,16 +303,19 @@ class Components:
         return self.policy.denoiser
 
 
-def build_components(config: Config, accelerator: Accelerator) -> Components:
-    """Load the pipeline, apply the memory levers, attach the LoRA, prepare for accelerate."""
+def build_components(config: Config, accelerator: Accelerator, pipe=None) -> Components:
+    """Load the pipeline, apply the memory levers, attach the LoRA, prepare for accelerate.
+    `pipe`: one already loaded instead (the bench's random-weight published architectures,
+    load-time levers applied)."""
     device = accelerator.device
-    with accelerator.main_process_first():  # one process writes caches, the others read them
-        pipe = load_pipeline(
-            config.model.name,
-            seed=config.model.seed,
-            family=config.model.family,
-            memory=config.memory,  # load-time levers: quantize_base (nf4 / int8), drop_t5
-        )
+    if pipe is None:
+        with accelerator.main_process_first():  # one process writes caches, the others read
+            pipe = load_pipeline(
+                config.model.name,
+                seed=config.model.seed,
+                family=config.model.family,
+                memory=config.memory,  # load-time levers: quantize_base (nf4 / int8), drop_t5
+            )
     apply_memory_settings(pipe, config.memory, device)
     denoiser = family_of(pipe).denoiser(pipe)
     torch.manual_seed(config.seed)  # the LoRA's initial A matrices (B starts at zero)

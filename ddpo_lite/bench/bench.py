@@ -2,8 +2,9 @@
 
     ddpo-lite bench --preset tiny --epochs 2            # run it: peak memory, samples/s, s/epoch
     ddpo-lite bench --preset aesthetic --model sd15-random --estimate   # predict, run nothing
-    ddpo-lite bench --preset tiny --vs-pipeline         # rollout vs StableDiffusionPipeline
+    ddpo-lite bench --preset tiny --vs-pipeline         # rollout vs the family's own pipeline
     ... --json                                          # one JSON object instead of a table
+    python -m ddpo_lite.bench.suite                     # every GPU preset (scripts/gpu_bench.sh)
 
 A run goes through the epoch as the trainer does (rollout -> reward -> update), but with its phases
 one after the other (the trainer overlaps the reward with sampling), so that each has its own
@@ -13,14 +14,19 @@ and is not timed when there are more. Peak memory on a GPU is the CUDA caching a
 it: the first epoch runs under the dispatch counter of estimate.py (live tensor bytes, weights
 included) and the numbers are marked `"peak_source": "dispatch-counter"`.
 
-`--model sd15-random` builds SD 1.5 (and, for model-based rewards, CLIP ViT-L/14 with the
-aesthetic head) from their configs with random weights: nothing is downloaded.
+`--model sd15-random` (sdxl-random, sd35-random, flux-dev-random, flux2-klein-random) builds
+the published architecture from its config with random weights, on the run's device: nothing
+is downloaded. A model reward on them (and on the tiny models) is the model the estimate counts
+for it, with random weights (`build_bench_reward`). The run is set up by the trainer's own
+`build_components`, so every family and every lever goes through the trainer's code.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import importlib.util
 import json
 import statistics
 import time
@@ -51,15 +57,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        help=f"replace model.name; '{SD15_RANDOM}' / 'sdxl-random' / 'sd35-random' build SD 1.5 "
-        "/ SDXL / SD3.5 Medium with random weights from their published configs (offline)",
+        help=f"replace model.name; '{SD15_RANDOM}' / 'sdxl-random' / 'sd35-random' / "
+        "'flux-dev-random' / 'flux2-klein-random' build SD 1.5 / SDXL / SD3.5 Medium / FLUX.1-dev "
+        "/ FLUX.2-klein-4B with random weights from their published configs (offline)",
     )
     parser.add_argument(
         "--resolution",
         type=int,
         default=None,
-        help=f"image side in pixels for --model {SD15_RANDOM} / sdxl-random (default: "
-        "sample.resolution, else 512 / 1024; try 64 on a CPU)",
+        help="image side in pixels for the random-weight models (default: sample.resolution, "
+        "else 512 for SD 1.5, 1024 for the others; try 64 on a CPU)",
     )
     parser.add_argument("--epochs", type=int, default=2, help="epochs to run (default 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -70,7 +77,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument(
         "--vs-pipeline",
         action="store_true",
-        help="images/s of our rollout vs StableDiffusionPipeline.__call__, side by side",
+        help="images/s of our rollout vs the family's diffusers pipeline call, side by side",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="--vs-pipeline: timed calls of each (default 3)"
@@ -91,7 +98,7 @@ def _config(args) -> Config:
         raise ConfigError(f"--epochs {args.epochs} is invalid: give at least 1")
     # the latent is 1/8 of the image; diffusers' UNet takes any latent size (it passes the skip
     # connections' sizes to its upsamplers), so the image side is a multiple of 8 (sd15.py checks it)
-    random_model = args.model in (SD15_RANDOM, "sdxl-random", "sd35-random")
+    random_model = args.model in RANDOM_MODELS
     if (
         random_model
         and args.resolution is not None
@@ -128,91 +135,244 @@ def _emit(args, result: dict, table) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# setup: the run's parts, as the trainer builds them (with sd15-random built here)
+# setup: the run's parts, as the trainer builds them (the random-weight models built here)
 # ---------------------------------------------------------------------------------------------
 
+#: The published architectures with random weights (bench/sd15.py, sdxl.py, sd3.py, flux.py).
+RANDOM_MODELS = (SD15_RANDOM, "sdxl-random", "sd35-random", "flux-dev-random", "flux2-klein-random")
 
-def build_pipeline(config: Config, resolution: int | None):
-    """The config's pipeline; the random published-architecture models at `resolution` (default:
-    sample.resolution, else the model's own)."""
+
+def build_pipeline(config: Config, resolution: int | None, device="cpu"):
+    """The config's pipeline with its load-time levers (quantize_base, drop_t5). The random-weight
+    published architectures are built on `device` (initialising FLUX.1's 12B transformer on a
+    CPU takes minutes; on a GPU, seconds), in the frozen dtype, at `resolution` (default:
+    sample.resolution, else 512 for SD 1.5 and 1024 for the others)."""
+    from ddpo_lite.models.memory import frozen_dtype
+
+    name, memory = config.model.name, config.memory
+    if name not in RANDOM_MODELS:
+        from ddpo_lite.models import load_pipeline
+
+        return load_pipeline(
+            name, seed=config.model.seed, family=config.model.family, memory=memory
+        )
     size = resolution or config.sample.resolution
-    if config.model.name == SD15_RANDOM:
-        return build_sd15_pipeline(resolution=size or 512)
-    if config.model.name == "sdxl-random":
+    dtype = frozen_dtype(memory.mixed_precision, memory.half_base)
+    if name == SD15_RANDOM:
+        pipe = build_sd15_pipeline(resolution=size or 512, device=device)
+    elif name == "sdxl-random":
         from ddpo_lite.bench.sdxl import build_sdxl_pipeline
 
-        return build_sdxl_pipeline(resolution=size or 1024)
-    if config.model.name == "sd35-random":
+        pipe = build_sdxl_pipeline(resolution=size or 1024, device=device, dtype=dtype)
+    elif name == "sd35-random":
         from ddpo_lite.bench.sd3 import build_sd3_pipeline
 
-        return build_sd3_pipeline(resolution=size or 1024, t5=not config.memory.drop_t5)
-    from ddpo_lite.models import load_pipeline
+        pipe = build_sd3_pipeline(
+            resolution=size or 1024, device=device, dtype=dtype, t5=not memory.drop_t5
+        )
+    elif name == "flux-dev-random":
+        from ddpo_lite.bench.flux import build_flux_pipeline
 
-    return load_pipeline(config.model.name, seed=config.model.seed)
+        pipe = build_flux_pipeline(resolution=size or 1024, device=device, dtype=dtype)
+    else:
+        from ddpo_lite.bench.flux import build_flux2_pipeline
+
+        pipe = build_flux2_pipeline(resolution=size or 1024, device=device, dtype=dtype)
+    if memory.quantize_base in ("nf4", "int8"):
+        quantize_denoiser(pipe, memory)
+    return pipe
 
 
-def build_bench_reward(config: Config, device: torch.device):
-    """The config's reward; for sd15-random a model reward is CLIP ViT-L/14 + the aesthetic head
-    with random weights, scored exactly as the aesthetic reward scores."""
+def quantize_denoiser(pipe, memory) -> None:
+    """memory.quantize_base 'nf4' / 'int8' on a random-weight model, as load_pipeline applies it
+    to a downloaded one: diffusers' bitsandbytes quantizer runs at load from weights on disk, so
+    the denoiser is saved (safetensors, its frozen dtype) into a temporary folder
+    (`$DDPO_LITE_BENCH_TMP`, else the system's) and loaded back with the trainer's own
+    BitsAndBytesConfig (models/loading.py `load_options`)."""
+    import gc
+    import os
+    import shutil
+    import tempfile
+
+    from ddpo_lite.families import family_of
+    from ddpo_lite.models.loading import QUANTIZE_DENOISER, load_options
+
+    family = family_of(pipe)
+    options = load_options(memory)  # a one-line ModelLoadError without bitsandbytes or CUDA
+    denoiser = family.denoiser(pipe)
+    cls = type(denoiser)
+    folder = tempfile.mkdtemp(prefix="ddpo-bench-", dir=os.environ.get("DDPO_LITE_BENCH_TMP"))
+    try:
+        denoiser.save_pretrained(folder, max_shard_size="100GB")
+        pipe.register_modules(**{family.denoiser_name: None})
+        del denoiser
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        quantized = cls.from_pretrained(
+            folder,
+            quantization_config=options[QUANTIZE_DENOISER],
+            torch_dtype=options["torch_dtype"],
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    pipe.register_modules(**{family.denoiser_name: quantized})
+
+
+def build_bench_reward(config: Config, device: torch.device) -> tuple[object, list[str]]:
+    """The config's reward, and notes on what stood in for it. On the random-weight and tiny
+    models a model reward is the model the estimate counts for it (estimate.py), with random
+    weights: PickScore / HPS a CLIP ViT-H/14 vision + text pair scored as PickScore scores
+    (100 x cos), every other model reward CLIP ViT-L/14 + the aesthetic head, scored as the
+    aesthetic reward scores (tiny towers of the same kind on the tiny models). OCR without
+    RapidOCR installed: the JPEG reward stands in (both run on the CPU, nothing on the GPU)."""
+    from ddpo_lite.bench.estimate import CPU_REWARDS, TINY_MODELS, VIT_H_REWARDS, _reward_names
     from ddpo_lite.rewards.compose import build_reward
 
     offload = config.memory.offload_reward
-    if config.model.name != SD15_RANDOM or config.reward.name.startswith("jpeg"):
-        return build_reward(config.reward, device=str(device), offload=offload)
+    names = _reward_names(config)
+    random_model = config.model.name in RANDOM_MODELS
+    tiny = config.model.name.split(":")[0] in TINY_MODELS
+    model_rewards = [r for r in names if r not in CPU_REWARDS]
+    if "ocr" in names and importlib.util.find_spec("rapidocr") is None:
+        reward = copy.deepcopy(config.reward)
+        reward.name, reward.weights = "jpeg_compressibility", {}
+        note = "reward ocr: RapidOCR not installed, jpeg_compressibility (also CPU-only) stood in"
+        return build_reward(reward, device=str(device), offload=offload), [note]
+    if not (random_model or tiny) or not model_rewards:
+        return build_reward(config.reward, device=str(device), offload=offload), []
     from transformers import CLIPImageProcessor
 
     from ddpo_lite.rewards import _models
-    from ddpo_lite.rewards.aesthetic import aesthetic_head
 
-    clip = build_clip_vision()
-    processor = CLIPImageProcessor()  # OpenAI CLIP's defaults: 224, bicubic, CLIP mean/std
-    mlp = aesthetic_head(clip.config.projection_dim)
     dtype = _models.resolve_dtype(str(device))
+    vit_h = any(r in VIT_H_REWARDS for r in model_rewards)
+    vision, text = random_clip(device, vit_h, tiny)
+    size = vision.config.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)
+    kind = "tiny " if tiny else ""
+    if vit_h:
+        from ddpo_lite.models.tiny import build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+        models = [vision, text]
+        stood_in = f"a {kind}CLIP ViT-H/14 pair (random weights), scored as PickScore"
+    else:
+        from ddpo_lite.rewards.aesthetic import aesthetic_head
+
+        head = aesthetic_head(vision.config.projection_dim)
+        models = [vision, head]
+        stood_in = f"{kind}CLIP ViT-L/14 + the aesthetic head (random weights)"
+
+    def unit(x):
+        return x / x.norm(dim=-1, keepdim=True)
 
     def score(images, prompts, metadata):
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        embeds = clip(pixel_values=pixels.to(device, dtype)).image_embeds
-        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
-        return mlp(embeds).squeeze(-1), {}
+        image = unit(vision(pixel_values=pixels.to(device, dtype)).image_embeds)
+        if not vit_h:
+            return head(image).squeeze(-1), {}
+        ids = tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=77,
+            return_tensors="pt",
+        ).input_ids
+        words = unit(text(input_ids=ids.to(device)).text_embeds)
+        return 100.0 * (image * words).sum(-1), {}
 
-    return _models.BatchedReward(
-        "aesthetic(random)", score, [clip, mlp], str(device), dtype, offload, 16
+    reward = _models.BatchedReward(
+        f"{'+'.join(model_rewards)}(random)", score, models, str(device), dtype, offload, 16
     )
+    return reward, [f"reward {', '.join(model_rewards)}: {stood_in}"]
+
+
+#: Tiny CLIP towers for the tiny models' rewards (the code path of the full ones, in seconds).
+TINY_CLIP_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=32,
+)
+TINY_CLIP_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=32,
+)
+
+
+def random_clip(device, vit_h: bool, tiny: bool):
+    """(vision tower with projection, text tower with projection or None), random weights, on
+    `device` ("meta" for the estimate): ViT-H/14 with its text tower (`vit_h`), else ViT-L/14;
+    `tiny`: small towers of the same classes."""
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from ddpo_lite.bench.estimate import CLIP_VIT_H_TEXT
+    from ddpo_lite.bench.sdxl import build_clip_vision_h
+
+    if tiny:
+        from ddpo_lite.models.tiny import build_tiny_tokenizer
+
+        vocab = len(build_tiny_tokenizer())
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(0)
+            vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION))
+            text = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP_TEXT, vocab_size=vocab))
+        return vision, text if vit_h else None
+    if not vit_h:
+        return build_clip_vision(device=device), None
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        text = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_VIT_H_TEXT))
+    return build_clip_vision_h(device=device), text
 
 
 class Run:
-    """The pieces the bench drives: pipeline, policy, optimizer, scheduler, prompts, reward."""
+    """The pieces the bench drives, as the trainer's `build_components` sets them up (any
+    family): pipeline, policy, optimizer, prompts (encoded), reward."""
 
     def __init__(self, config: Config, resolution: int | None):
-        from ddpo_lite.models.lora import attach_lora
-        from ddpo_lite.models.memory import apply_memory_settings
-        from ddpo_lite.trainer import load_prompts, make_accelerator, make_optimizer, make_policy
+        import gc
 
+        from ddpo_lite.trainer import build_components, load_prompts, make_accelerator
+
+        config = copy.deepcopy(config)
+        if resolution:
+            config.sample.resolution = resolution
         self.config = config
         self.accelerator = make_accelerator(config)
         self.device = self.accelerator.device
-        self.pipe = build_pipeline(config, resolution)
-        apply_memory_settings(self.pipe, config.memory, self.device)
-        torch.manual_seed(config.seed)
-        self.params = attach_lora(
-            self.pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules
-        )
-        optimizer = make_optimizer(
-            self.params, config.train, config.memory.use_8bit_adam, self.device
-        )
-        self.model, self.optimizer = self.accelerator.prepare(self.pipe.unet, optimizer)
-        self.pipe.unet.eval()
-        self.policy = make_policy(self.pipe, config, self.device, self.accelerator.autocast)
+        pipe = build_pipeline(config, resolution, self.device)
+        components = build_components(config, self.accelerator, pipe=pipe)
+        self.pipe, self.policy = components.pipe, components.policy
+        self.denoiser, self.model = components.denoiser, components.model
+        self.optimizer, self.params = components.optimizer, components.params
+        self.optimizer_name = type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__
         self.prompts = load_prompts(config.prompts)
-        self.policy.encoder.preload(self.prompts)
-        self.reward = build_bench_reward(config, self.device)
+        self.policy.encoder.preload(self.prompts, config.memory.encode_batch_size)
+        self.reward, self.notes = build_bench_reward(config, self.device)
         self.generator = torch.Generator().manual_seed(config.seed)
+        gc.collect()
+        if self.device.type == "cuda":  # setup's freed blocks (float32 init, casts) leave the pool
+            torch.cuda.empty_cache()
 
     def resident(self) -> list[torch.Tensor]:
         """The tensors that stay on the accelerator between phases (for the CPU counter)."""
         memory = self.config.memory
-        models = [self.pipe.unet, self.pipe.vae]
-        if not memory.offload_text_encoder:
+        models = [self.denoiser, self.pipe.vae]
+        if not (memory.offload_text_encoder or memory.encode_on_cpu):
             models += self.policy.family.text_encoders(self.pipe)
         if not memory.offload_reward:
             models += [m for m in getattr(self.reward, "models", [])]
@@ -317,11 +477,13 @@ def _epoch(run: Run, counted: bool) -> dict[str, dict]:
     return stats
 
 
-def measure(config: Config, epochs: int, resolution: int | None = None) -> dict:
-    """Run `epochs` epochs phase by phase; the result `--json` prints."""
-    config = copy.deepcopy(config)
-    run = Run(config, resolution)
-    device = run.device
+def measure(
+    config: Config, epochs: int, resolution: int | None = None, run: Run | None = None
+) -> dict:
+    """Run `epochs` epochs phase by phase (on `run`, else one set up here); the result `--json`
+    prints."""
+    run = run or Run(config, resolution)
+    config, device = run.config, run.device
     on_gpu = device.type == "cuda"
     epoch_stats = []
     for epoch in range(epochs):
@@ -347,7 +509,8 @@ def measure(config: Config, epochs: int, resolution: int | None = None) -> dict:
         "device": _device_name(device),
         "torch": torch.__version__,
         "model": config.model.name,
-        "resolution": run.pipe.unet.config.sample_size * run.pipe.vae_scale_factor,
+        "family": run.policy.family.name,
+        "resolution": run.policy.resolution,
         "preset": config.preset,
         "peak_bytes": max(p["peak_bytes"] for p in phases.values()),
         "peak_source": "cuda-allocator" if on_gpu else "dispatch-counter",
@@ -358,6 +521,8 @@ def measure(config: Config, epochs: int, resolution: int | None = None) -> dict:
         "seconds_per_epoch": epoch_seconds,
         "samples_per_second": samples / epoch_seconds,
         "memory": dict(vars(config.memory)),
+        "optimizer": run.optimizer_name,
+        "notes": list(run.notes),
         "train_shape": {
             "batch_size": config.train.batch_size,
             "micro_batch_size": getattr(config.train, "micro_batch_size", 0),
@@ -379,40 +544,71 @@ def _device_name(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def vs_pipeline(config: Config, resolution: int | None, repeats: int = 3) -> dict:
-    """Images/s of `rollout` (log-probs and trajectory included) and of `pipe(...)` on the same
-    pipeline object (same UNet with its LoRA, VAE, DDIM scheduler settings), steps, guidance,
-    eta, batch and size, timed alternately after one untimed call of each; the ratio is the
-    median over adjacent pairs of pipeline seconds / rollout seconds (> 1: the rollout is faster).
-    The rollout uses cached prompt embeddings (as in training); the pipeline encodes its prompts
-    on every call, as a user's `pipe(...)` does."""
+def vs_pipeline(
+    config: Config,
+    resolution: int | None,
+    repeats: int = 3,
+    run: Run | None = None,
+    steps: int | None = None,
+    burn_in: bool = True,
+) -> dict:
+    """Images/s of the rollout (log-probs and trajectory kept, as training samples), of the same
+    rollout keeping nothing (`record=False`: the extras' cost), and of the family's own diffusers
+    pipeline call on the same pipeline object (same denoiser with its LoRA, VAE, attention
+    processors, frozen dtype, under the same autocast), at the same steps, guidance, batch and
+    size: SD 1.x / SDXL with the DDIM scheduler and eta; SD3 / FLUX / FLUX.2 with their own
+    FlowMatch sigma grid (the sampler's, held equal in tests/test_families_flux.py), and no eta
+    (the pipelines sample the ODE; the rollout keeps the preset's SDE noise, which costs one
+    randn per step). FLUX.1's guidance is the transformer's embedding input on both sides.
+
+    Each is called once untimed (`burn_in`), then `repeats` times in turn; the ratio is the median
+    over rounds of pipeline seconds / rollout seconds (> 1: the rollout is faster). The rollout
+    uses cached prompt embeddings (as in training); the pipeline encodes its prompts on every
+    call, as a user's `pipe(...)` does. `steps` (default sample.num_steps) sets both sides'."""
     from ddpo_lite.sampling import rollout
+    from ddpo_lite.trainer import make_sampler, sde_window
 
-    run = Run(config, resolution)
-    sample, device = config.sample, run.device
-    size = run.pipe.unet.config.sample_size * run.pipe.vae_scale_factor
-    prompts = [run.prompts[i % len(run.prompts)] for i in range(sample.batch_size)]
-    ids = torch.arange(sample.batch_size) % len(run.prompts)
-    run.pipe.scheduler = copy.deepcopy(run.policy.sampler.scheduler)
-    for encoder in run.policy.family.text_encoders(run.pipe):
+    run = run or Run(config, resolution)
+    config, device, family = run.config, run.device, run.policy.family
+    sample = copy.deepcopy(config.sample)
+    sample.num_steps = steps or sample.num_steps
+    policy = run.policy
+    if sample.num_steps != config.sample.num_steps:
+        stepped = copy.deepcopy(config)
+        stepped.sample = sample
+        sampler = make_sampler(run.pipe, family, stepped, policy.resolution, device)
+        policy = dataclasses.replace(policy, sampler=sampler)
+    size, group = policy.resolution, sample.group_size
+    ids = (torch.arange(sample.batch_size // group) % len(run.prompts)).repeat_interleave(group)
+    prompts = [run.prompts[i] for i in ids.tolist()]
+    if family.sampler == "ddim":  # the pipeline steps with the sampler's DDIM scheduler
+        run.pipe.scheduler = copy.deepcopy(policy.sampler.scheduler)
+    for encoder in family.text_encoders(run.pipe):
         encoder.to(device)  # the pipeline encodes on the device
-    negative = config.prompts.negative_prompt or None
+    kwargs = dict(
+        height=size,
+        width=size,
+        num_inference_steps=sample.num_steps,
+        guidance_scale=sample.guidance_scale,
+        output_type="pil",
+    )
+    if family.sampler == "ddim":
+        kwargs["eta"] = sample.eta
+    negative = config.prompts.negative_prompt
+    if family.has_negative_prompt and negative:
+        kwargs["negative_prompt"] = [negative] * len(prompts)
 
-    def ours():
-        rollout(run.policy, prompts, ids, torch.Generator().manual_seed(0))
+    def ours(record: bool):
+        generator = torch.Generator().manual_seed(0)
+        window = sde_window(sample, generator)
+        rollout(policy, prompts, ids, generator, group, record, window, sample.same_initial_noise)
 
     def theirs():
-        run.pipe(
-            prompts,
-            height=size,
-            width=size,
-            num_inference_steps=sample.num_steps,
-            guidance_scale=sample.guidance_scale,
-            eta=sample.eta,
-            negative_prompt=[negative] * len(prompts) if negative else None,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pil",
-        )
+        with policy.autocast():
+            run.pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    calls = {"rollout": lambda: ours(True), "rollout_no_record": lambda: ours(False)}
+    calls["pipeline"] = theirs
 
     def timed(fn) -> float:
         _sync(device)
@@ -422,33 +618,37 @@ def vs_pipeline(config: Config, resolution: int | None, repeats: int = 3) -> dic
         _sync(device)
         return time.perf_counter() - start
 
-    timed(ours), timed(theirs)  # burn-in
-    times = {"rollout": [], "pipeline": []}
+    if burn_in:
+        for fn in calls.values():
+            timed(fn)
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        times["rollout"].append(timed(ours))
-        times["pipeline"].append(timed(theirs))
-    rollout_s = statistics.median(times["rollout"])
-    pipeline_s = statistics.median(times["pipeline"])
-    # each rollout is timed next to a pipeline call: the pair's ratio cancels slow drifts of a
+        for name, fn in calls.items():
+            times[name].append(timed(fn))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    # each rollout is timed next to a pipeline call: the round's ratio cancels slow drifts of a
     # shared machine better than the ratio of medians
     paired = [p / r for r, p in zip(times["rollout"], times["pipeline"], strict=True)]
+    extras = [r / n - 1 for r, n in zip(times["rollout"], times["rollout_no_record"], strict=True)]
     return {
         "kind": "vs-pipeline",
         "device": _device_name(device),
         "torch": torch.__version__,
         "model": config.model.name,
+        "family": family.name,
+        "pipeline": type(run.pipe).__name__,
         "resolution": size,
         "steps": sample.num_steps,
         "guidance_scale": sample.guidance_scale,
         "eta": sample.eta,
         "batch": sample.batch_size,
         "repeats": repeats,
-        "rollout_seconds": times["rollout"],
-        "pipeline_seconds": times["pipeline"],
-        "rollout_images_per_second": sample.batch_size / rollout_s,
-        "pipeline_images_per_second": sample.batch_size / pipeline_s,
+        "burn_in": burn_in,
+        **{f"{name}_seconds": values for name, values in times.items()},
+        **{f"{name}_images_per_second": sample.batch_size / median[name] for name in calls},
         "paired_ratios": paired,
         "ratio": statistics.median(paired),
+        "record_overhead": statistics.median(extras),
     }
 
 
@@ -520,19 +720,20 @@ def _pipeline_table(console, result: dict) -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"rollout vs StableDiffusionPipeline.__call__: {result['model']} "
+        title=f"rollout vs {result['pipeline']}.__call__: {result['model']} "
         f"{result['resolution']}px, {result['steps']} steps, batch {result['batch']}, "
         f"guidance {result['guidance_scale']}, eta {result['eta']}, {result['device']}"
     )
     for column in ("", "images/s (median)", "seconds per call"):
         table.add_column(column)
-    for name in ("rollout", "pipeline"):
+    for name in ("rollout", "rollout_no_record", "pipeline"):
         seconds = ", ".join(f"{s:.2f}" for s in result[f"{name}_seconds"])
         table.add_row(name, f"{result[f'{name}_images_per_second']:.3f}", seconds)
     console.print(table)
     pairs = ", ".join(f"{r:.2f}" for r in result["paired_ratios"])
     console.print(
-        f"rollout / pipeline images/s: {result['ratio']:.2f} (median of adjacent pairs: {pairs})"
+        f"rollout / pipeline images/s: {result['ratio']:.2f} (median of adjacent pairs: {pairs}); "
+        f"keeping log-probs and the chain costs {100 * result['record_overhead']:+.0f}%"
     )
 
 

@@ -1,0 +1,180 @@
+"""scripts/gpu_bench.sh's driver (ddpo_lite/bench/suite.py) on the tiny models on the CPU, so
+that the one GPU run does not fail on a typo: one preset per family in process (every column of
+the JSON and the tables filled), then the subprocess isolation and the budget (a bogus preset
+fails alone, a preset that outlives the budget is killed, the rest is skipped, all recorded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ddpo_lite.bench.suite import GPU_PRESETS, markdown, run_suite
+
+ONE_PER_FAMILY = [
+    "aesthetic",
+    "sdxl-aesthetic",
+    "sd35-pickscore",
+    "flux-pickscore",
+    "flux2-pickscore",
+]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = run_suite(ONE_PER_FAMILY, out, tiny=True, cpu=True, epochs=1, isolate=False)
+    return result, out
+
+
+def test_every_family_measured_beside_its_estimate_and_pipeline(suite):
+    result, out = suite
+    assert json.loads((out / "bench.json").read_text()) == json.loads(
+        json.dumps(result, default=str)
+    )
+    by_name = {r["preset"]: r for r in result["presets"]}
+    assert list(by_name) == ONE_PER_FAMILY
+    assert {r["family"] for r in by_name.values()} == {"sd1", "sdxl", "sd3", "flux", "flux2"}
+    for name, r in by_name.items():
+        assert r["status"] == "ok", (name, r.get("error"), r.get("traceback"))
+        measured, estimated = r["measurement"], r["estimate"]
+        for phase in ("sampling", "reward", "training"):
+            assert measured["phases"][phase]["peak_bytes"] > 0
+            assert estimated["phases"][phase]["peak_bytes"] > 0
+            # like for like: the same reduced config on both sides; the tiny models' counted
+            # peaks are within 25% of the estimate (30-50% off would be a different config)
+            ratio = (
+                estimated["phases"][phase]["peak_bytes"] / measured["phases"][phase]["peak_bytes"]
+            )
+            assert 0.75 < ratio < 1.33, (name, phase, ratio)
+        versus = r["vs_pipeline"]
+        assert versus["family"] == r["family"]
+        for key in ("rollout", "rollout_no_record", "pipeline"):
+            assert versus[f"{key}_images_per_second"] > 0
+        assert measured["seconds_per_epoch"] > 0 and measured["samples_per_second"] > 0
+    assert any("needs CUDA" in n for n in by_name["flux-pickscore"]["notes"])  # nf4 on a CPU
+
+
+def test_markdown_tables_have_every_cell_filled(suite):
+    result, out = suite
+    text = (out / "bench.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    memory = [r for r in rows if r.split("|")[4].strip() in ("sampling", "reward", "training")]
+    speed = [r for r in rows if r not in memory and not r.startswith("| preset")]
+    assert len(memory) == 3 * len(ONE_PER_FAMILY) and len(speed) == len(ONE_PER_FAMILY)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(cells), row
+    assert "Not run" not in text
+    standing = {
+        "preset": "counting",
+        "status": "stood-for",
+        "by": "aesthetic",
+        "error": "measured by aesthetic: why",
+    }
+    text = markdown({**result, "presets": [*result["presets"], standing]})
+    assert "Measured by another preset:\n- counting: measured by aesthetic: why" in text
+    assert "Not run" not in text
+
+
+def test_failures_are_isolated_and_the_budget_is_kept(tmp_path):
+    """scripts/gpu_bench.sh as the GPU runs it, on the tiny models: a bogus preset fails alone; the next starts in its own process and is killed when the
+    budget runs out (1000 epochs); the rest is skipped, and the stand-in is not taken for a
+    preset that was never measured."""
+    budget = 4.0
+    presets = ["no-such-preset", "aesthetic", "compressibility", "incompressibility"]
+    start = time.monotonic()
+    subprocess.run(
+        ["bash", "scripts/gpu_bench.sh", "--cpu", "--tiny", "--presets", ",".join(presets),
+         "--budget-s", str(budget), "--min-start-s", "1", "--epochs", "1000"],
+        cwd=ROOT, check=True, capture_output=True, timeout=60,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert elapsed < budget + 10  # + the script's own start (torch imported once)
+    result = json.loads((tmp_path / "bench.json").read_text())
+    status = {r["preset"]: r for r in result["presets"]}
+    assert status["no-such-preset"]["status"] == "failed"
+    assert "unknown preset 'no-such-preset'" in status["no-such-preset"]["error"]
+    assert status["aesthetic"]["status"] == "timeout"
+    # the worker ran (no typo on its command line) and would have run 1000 epochs
+    assert status["aesthetic"]["stage"] in ("setup", "estimate", "measure")
+    assert status["compressibility"]["status"] == "skipped"
+    assert status["incompressibility"]["status"] == "skipped"
+    text = (tmp_path / "bench.md").read_text()
+    assert "no-such-preset: failed" in text and "aesthetic: timeout" in text
+
+
+def test_the_default_order_covers_every_gpu_preset():
+    presets = {p.stem for p in (ROOT / "presets").glob("*.toml")}
+    gpu = {p for p in presets if p != "tiny" and not p.startswith("shapes")}
+    assert set(GPU_PRESETS) == gpu and len(GPU_PRESETS) == len(gpu)
+
+
+@pytest.mark.parametrize(
+    "preset", ["aesthetic", "sdxl-pickscore", "sd35-ocr", "flux-pickscore", "flux2-pickscore"]
+)
+def test_gpu_configs_build_their_random_models_and_rewards_on_meta(preset, tmp_path):
+    """What the GPU run builds, on the meta device (no memory, no arithmetic): the preset as the
+    suite cuts it, its published architecture and its reward's stand-in."""
+    import torch
+
+    from ddpo_lite.bench.bench import build_bench_reward, build_pipeline
+    from ddpo_lite.bench.suite import RANDOM_MODELS, bench_config
+
+    config, family, notes = bench_config(preset, tiny=False, cpu=False, output_dir=str(tmp_path))
+    assert config.model.name == RANDOM_MODELS[family]
+    assert config.sample.num_batches_per_epoch == 1
+    assert config.train.gradient_accumulation * config.train.batch_size >= config.sample.batch_size
+    config.memory.offload_reward = False  # meta tensors cannot visit the CPU
+    config.memory.quantize_base = {"nf4": "none"}.get(
+        config.memory.quantize_base, config.memory.quantize_base
+    )
+    pipe = build_pipeline(config, None, "meta")
+    assert type(pipe).__name__.endswith("Pipeline")
+    reward, reward_notes = build_bench_reward(config, torch.device("meta"))
+    if "pickscore" in preset:
+        assert "ViT-H/14 pair" in reward_notes[0] and len(reward.models) == 2
+    if family in ("sd3", "flux", "flux2"):
+        assert any("encoded on the GPU" in n for n in notes)
+
+
+def test_quantize_denoiser_swaps_in_the_reloaded_model(monkeypatch):
+    """The save + reload around diffusers' quantizer (a GPU's bitsandbytes), with no quantizer:
+    the pipeline's denoiser is the reloaded one, with the same weights."""
+    import torch
+
+    from ddpo_lite.bench.bench import quantize_denoiser
+    from ddpo_lite.config import MemoryConfig
+    from ddpo_lite.models import load_pipeline, loading
+
+    monkeypatch.setattr(
+        loading,
+        "load_options",
+        lambda memory: {loading.QUANTIZE_DENOISER: None, "torch_dtype": torch.float32},
+    )
+    pipe = load_pipeline("tiny-flux")
+    before = pipe.transformer
+    quantize_denoiser(pipe, MemoryConfig(quantize_base="nf4"))
+    assert pipe.transformer is not before and pipe.components["transformer"] is pipe.transformer
+    after = pipe.transformer.state_dict()
+    assert list(after) == list(before.state_dict())
+    for name, weight in before.state_dict().items():
+        torch.testing.assert_close(after[name], weight, msg=name)
+
+
+def test_a_quantized_preset_is_skipped_with_the_reason_where_bitsandbytes_cannot_run(tmp_path):
+    import torch
+
+    from ddpo_lite.bench.suite import run_preset
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU: the NF4 preset would run")
+    result = run_preset("flux-pickscore", tmp_path / "part.json", tiny=True)
+    assert result["status"] == "skipped" and "quantize_base = 'nf4'" in result["error"]
+    assert json.loads((tmp_path / "part.json").read_text())["status"] == "skipped"
