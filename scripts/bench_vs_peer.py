@@ -368,13 +368,18 @@ def peer_epoch(run: Run, peer: Peer, config: Config, generator, counted: bool) -
     stats = {name: {} for name in PHASES}
     with phase(run.device, counted, lambda: resident(run, peer.optimizer), stats["sampling"]):
         samples = peer_sample(peer, run.prompts, config, generator)
-    held = list(samples.values())
     n = samples["timesteps"].shape[0]
     advantages = advantages_for(n, generator, run.device)
-    with phase(
-        run.device, counted, lambda: resident(run, peer.optimizer) + held, stats["training"]
-    ):
-        peer_train(peer, samples, advantages, config, generator)
+    # the training phase owns the samples, as the peer's loop does (it rebinds them when it
+    # shuffles, freeing the epoch's copy): the counter holds only weak references
+    box = [samples]
+    del samples
+
+    def tensors():
+        return resident(run, peer.optimizer) + list(box[0].values())
+
+    with phase(run.device, counted, tensors, stats["training"]):
+        peer_train(peer, box.pop(), advantages, config, generator)
     return stats
 
 
@@ -566,11 +571,7 @@ def main(argv: list[str] | None = None) -> int:
 
     status = Console(stderr=True)
 
-    def log(message: str) -> None:
-        if not args.json:
-            status.log(message)
-
-    result = compare(config, args.resolution, chunks, args.repeats, log)
+    result = compare(config, args.resolution, chunks, args.repeats, status.log)  # progress: stderr
     if args.json:
         print(json.dumps(result))
     else:
