@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python scripts/bench_vs_peer.py                 # sd15-random at 64 px, CPU
     python scripts/bench_vs_peer.py --model tiny --repeats 1          # a fast check
     python scripts/bench_vs_peer.py --chunks 0 1 2 --repeats 5 --json
-    python scripts/bench_vs_peer.py --preset aesthetic --resolution 512 \\
-        --set sample.num_steps=50 --set train.batch_size=1           # a GPU, any config key
+    python scripts/bench_vs_peer.py --preset aesthetic --resolution 512 --set sample.num_steps=50 \\
+        --set sample.batch_size=8 --set train.batch_size=4           # a GPU: the preset's levers
 
 The peer is a minimal reimplementation of kvablack/ddpo-pytorch scripts/train.py (the code the DDPO
 paper's results came from): its sampling loop (`pipeline_with_logprob`: one UNet call per step on
@@ -26,13 +26,15 @@ allocator's `max_memory_allocated`, reset per phase. Reported: per-phase medians
 as the median over rounds of the ratio within a round (a shared machine's slow drift cancels).
 No reward is computed: the epoch is sampling then training, with random advantages.
 
-Where the peer differs from ddpo-pytorch (none of it changes what is computed per UNet call):
-prompts come from the config's list, not a prompt function; no reward, logging or checkpoints; its
+Where the peer differs from ddpo-pytorch (none of it changes what a UNet call computes): prompts
+come from the config's list, not a prompt function; no reward, logging or checkpoints; its
 optimizer steps only on the accumulation boundary (accelerate skips the others) and its backward is
 plain `loss.backward()` (no fp16 loss scaling); it runs under the config's autocast (ddpo-pytorch's
-LoRA path runs without autocast, on half-precision weights) and the config's memory settings
-(gradient checkpointing, attention backend, text encoder placement) where ddpo-pytorch has fixed
-ones.
+LoRA path runs without autocast, on half-precision weights) and the config's gradient
+checkpointing, attention backend and VAE slicing, where ddpo-pytorch has none of them. As there,
+it encodes each batch's prompts with the text encoder, which stays on the device all epoch.
+On a GPU both loops' (LoRA-sized) optimizer states are allocated throughout, so each peak holds
+the other's too: a few MiB.
 """
 
 from __future__ import annotations
@@ -325,11 +327,11 @@ def check_settings(config: Config, run: Run) -> None:
         raise ConfigError("bench_vs_peer: " + "; ".join(problems))
 
 
-def resident(run: Run, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """What stays on the device between phases: UNet, VAE, the text encoder unless offloaded, and
+def resident(run: Run, optimizer: torch.optim.Optimizer, text_encoder: bool) -> list[torch.Tensor]:
+    """What stays on the device between phases: UNet, VAE, the text encoder if `text_encoder`, and
     this loop's optimizer state (no reward model: neither loop scores here)."""
     models = [run.pipe.unet, run.pipe.vae]
-    if not run.config.memory.offload_text_encoder:
+    if text_encoder:
         models.append(run.pipe.text_encoder)
     tensors = [t for m in models for t in (*m.parameters(), *m.buffers())]
     for state in optimizer.state.values():
@@ -365,8 +367,14 @@ def advantages_for(n: int, generator: torch.Generator, device) -> torch.Tensor:
 
 
 def peer_epoch(run: Run, peer: Peer, config: Config, generator, counted: bool) -> dict:
+    """The peer's epoch. Its text encoder is on the device all epoch, as in ddpo-pytorch (where
+    ddpo-lite offloads it, it visits for the peer's epoch; the moves are not timed)."""
     stats = {name: {} for name in PHASES}
-    with phase(run.device, counted, lambda: resident(run, peer.optimizer), stats["sampling"]):
+    encoder = run.pipe.text_encoder
+    home = encoder.device
+    encoder.to(run.device)
+
+    with phase(run.device, counted, lambda: resident(run, peer.optimizer, True), stats["sampling"]):
         samples = peer_sample(peer, run.prompts, config, generator)
     n = samples["timesteps"].shape[0]
     advantages = advantages_for(n, generator, run.device)
@@ -376,10 +384,11 @@ def peer_epoch(run: Run, peer: Peer, config: Config, generator, counted: bool) -
     del samples
 
     def tensors():
-        return resident(run, peer.optimizer) + list(box[0].values())
+        return resident(run, peer.optimizer, True) + list(box[0].values())
 
     with phase(run.device, counted, tensors, stats["training"]):
         peer_train(peer, box.pop(), advantages, config, generator)
+    encoder.to(home)
     return stats
 
 
@@ -391,8 +400,11 @@ def ours_epoch(run: Run, config: Config, counted: bool) -> dict:
         return np.zeros(len(images)), {}
 
     stats = {name: {} for name in PHASES}
+    on_device = not config.memory.offload_text_encoder  # else it stays on the CPU (all cached)
     components = SimpleNamespace(policy=run.policy)
-    with phase(run.device, counted, lambda: resident(run, run.optimizer), stats["sampling"]):
+    with phase(
+        run.device, counted, lambda: resident(run, run.optimizer, on_device), stats["sampling"]
+    ):
         samples = sample_epoch(
             components, run.prompts, config, run.generator, run.accelerator, no_reward
         )
@@ -400,7 +412,12 @@ def ours_epoch(run: Run, config: Config, counted: bool) -> dict:
     held = [trajectory.chain, trajectory.log_probs, trajectory.timesteps, trajectory.prompt_embeds]
     n = len(trajectory)
     advantages = advantages_for(n, run.generator, run.device)
-    with phase(run.device, counted, lambda: resident(run, run.optimizer) + held, stats["training"]):
+    with phase(
+        run.device,
+        counted,
+        lambda: resident(run, run.optimizer, on_device) + held,
+        stats["training"],
+    ):
         update(
             run.accelerator,
             run.policy,
@@ -562,7 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    config = load_config(args.preset, [*SETTINGS, f'model.name="{args.model}"', *args.set])
+    # no reward is scored: the JPEG one builds no model that would sit on the device for both
+    fixed = [f'model.name="{args.model}"', 'reward.name="jpeg_compressibility"']
+    config = load_config(args.preset, [*SETTINGS, *args.set, *fixed])
     chunks = args.chunks or list(dict.fromkeys([config.train.timestep_chunk, 1]))
     if args.repeats < 1:
         raise ConfigError(f"--repeats {args.repeats}: give at least 1")
