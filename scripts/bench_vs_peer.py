@@ -65,7 +65,7 @@ from ddpo_lite.samplers.ddim import DDIMSampler  # noqa: E402
 #: Paper-like settings shrunk for a CPU (the paper: 50 steps, sample batch 8 x 4, train batch 4 x
 #: accumulation 2, 512 px); `--set` changes any of them.
 SETTINGS = [
-    "sample.num_steps=10",
+    "sample.num_steps=20",
     "sample.guidance_scale=5.0",
     "sample.eta=1.0",
     "sample.batch_size=2",
