@@ -148,6 +148,7 @@ class Peer:
     autocast: object
     device: torch.device
     negative_embeds: torch.Tensor  # (1, 77, D): the empty prompt's, encoded once at setup
+    latent_side: int = 0  # the latent's side: the run's image size / the VAE factor
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Tokenize and encode, as the peer does for every sampling batch: (B, 77, D)."""
@@ -169,7 +170,10 @@ def make_peer(run: Run) -> Peer:
     config = run.config
     scheduler = DDIMScheduler.from_config(run.pipe.scheduler.config)
     optimizer = make_optimizer(run.params, config.train, config.memory.use_8bit_adam, run.device)
-    peer = Peer(run.pipe, run.params, optimizer, scheduler, run.policy.autocast, run.device, None)
+    side = run.policy.resolution // run.pipe.vae_scale_factor  # the size ddpo-lite samples at
+    peer = Peer(
+        run.pipe, run.params, optimizer, scheduler, run.policy.autocast, run.device, None, side
+    )
     with torch.no_grad():
         peer.negative_embeds = peer.encode([""])
     return peer
@@ -188,7 +192,7 @@ def peer_pipeline_with_logprob(
     batch = prompt_embeds.shape[0]
     embeds = torch.cat([peer.negative_embeds.expand(batch, -1, -1), prompt_embeds])
     scheduler.set_timesteps(sample.num_steps, device=peer.device)
-    size = pipe.unet.config.sample_size
+    size = peer.latent_side
     shape = (batch, pipe.unet.config.in_channels, size, size)
     latents = torch.randn(shape, generator=generator, device=generator.device)
     latents = latents.to(peer.device, prompt_embeds.dtype) * scheduler.init_noise_sigma
@@ -507,7 +511,7 @@ def compare(config: Config, resolution: int | None, chunks: list[int], repeats: 
         "device": _device_name(device),
         "torch": torch.__version__,
         "model": config.model.name,
-        "resolution": run.pipe.unet.config.sample_size * run.pipe.vae_scale_factor,
+        "resolution": run.policy.resolution,
         "peak_source": "cuda-allocator" if device.type == "cuda" else "dispatch-counter",
         "repeats": repeats,
         "settings": {
@@ -572,7 +576,9 @@ def print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=SD15_RANDOM, help="sd15-random (default) or tiny")
-    parser.add_argument("--resolution", type=int, default=64, help="sd15-random: image side")
+    parser.add_argument(
+        "--resolution", type=int, help="image side (default: 64 for sd15-random, else native)"
+    )
     parser.add_argument("--preset", default="tiny", help="base preset (default tiny: CPU, fp32)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--chunks", type=int, nargs="+", help="ddpo-lite's timestep_chunk values")
@@ -590,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
 
     status = Console(stderr=True)
 
-    result = compare(config, args.resolution, chunks, args.repeats, status.log)  # progress: stderr
+    resolution = args.resolution or (64 if args.model == SD15_RANDOM else None)
+    result = compare(config, resolution, chunks, args.repeats, status.log)  # progress: stderr
     if args.json:
         print(json.dumps(result))
     else:
