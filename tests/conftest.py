@@ -3,8 +3,17 @@
 import os
 
 import pytest
+import torch
 
 from ddpo_lite.config import load_config
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (README's test command): two workers on two cores, one torch thread each
+    # (two processes of two threads each would spin-wait for each other's cores); subprocesses
+    # the tests start (CLI runs, torchrun) inherit one thread too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
