@@ -7,7 +7,6 @@ import torch
 
 from ddpo_lite.config import load_config
 
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n 2` (README's test command): two workers on two cores, one torch thread each
     # (two processes of two threads each would spin-wait for each other's cores); subprocesses
