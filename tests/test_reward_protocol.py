@@ -280,6 +280,9 @@ def test_ctrl_c_while_waiting_on_the_reward_stops_within_seconds(tmp_path):
             sent.append(time.monotonic())
             signal.pthread_kill(main_thread, signal.SIGINT)
 
+    # Python's own SIGINT handler, as a user's terminal has it (a pytest-xdist worker ignores
+    # SIGINT: its controller handles Ctrl-C)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -287,4 +290,5 @@ def test_ctrl_c_while_waiting_on_the_reward_stops_within_seconds(tmp_path):
         stopped = time.monotonic()
     finally:
         release.set()
+        signal.signal(signal.SIGINT, previous)
     assert sent and stopped - sent[0] < 3  # the old shutdown(wait=True) waited out the 6 s
