@@ -240,8 +240,10 @@ def rollout(
 
     sampler.begin()
     steps = sampler.timesteps
-    noisy = window if window is not None else range(len(steps))
-    recorded = set(sampler.stochastic_steps()) & set(noisy) if record else set()
+    # which steps take noise, and which are kept, is known on the host: the loop never syncs
+    in_window = window if window is not None else range(len(steps))
+    noisy = set(sampler.stochastic_steps()) & set(in_window)
+    recorded = noisy if record else set()
     states, all_log_probs, recorded_steps = [], [], []
     for i, t in enumerate(steps):
         model_output = policy.predict(latents, t, cond, negative)
@@ -256,10 +258,10 @@ def rollout(
         latents = next_latents
 
     images = policy.family.decode(policy.pipe, latents)
+    ends_at_x0 = window is None and max(recorded, default=-1) == len(steps) - 1
     if not recorded_steps:  # nothing stochastic kept: the final latent and the whole grid
-        states, recorded_steps = [latents], list(steps)
+        states, recorded_steps, ends_at_x0 = [latents], list(steps), True
     # a window always keeps x0 apart: an epoch's batches (each its own window) then concatenate
-    ends_at_x0 = len(states) == 1 or (window is None and int(recorded_steps[-1]) == int(steps[-1]))
     trajectory = Trajectory(
         chain=torch.stack(states, dim=1),
         timesteps=torch.stack(list(recorded_steps)).to(device).repeat(batch, 1),

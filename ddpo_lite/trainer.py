@@ -218,6 +218,7 @@ def make_sampler(
         return DDIMSampler(make_scheduler(pipe, steps, device), config.sample.eta)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     set_flow_timesteps(pipe, scheduler, steps, resolution, device)
+    scheduler.sigmas = scheduler.sigmas.to(device)  # diffusers keeps them on the CPU
     return FlowSDESampler(scheduler, config.sample.eta, config.sample.flow_sampler)
 
 

@@ -212,7 +212,8 @@ def accumulate_step(
             )
             for start in range(0, k, size):
                 chunks.append((micro, cols[part, start : start + size], weights[part], valid[part]))
-    sums: dict[str, float] = {}
+    # the statistics stay on the device until the step's end: one read, not one per backward
+    sums: dict[str, torch.Tensor] = {}
     for i, (samples, cols, weights, valid) in enumerate(chunks):
         last = i == len(chunks) - 1
         context = torch.enable_grad() if last else accelerator.no_sync(model)
@@ -221,13 +222,13 @@ def accumulate_step(
                 policy, model, samples, cols, weights, valid, settings, generator
             )
             accelerator.backward(loss / total)
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / total
-        for name, value in stats.items():
+        for name, value in {"loss": loss, **stats}.items():
+            value = torch.as_tensor(value).detach().float()
             if name == "ratio_dev":
-                sums[name] = max(sums.get(name, 0.0), float(value))
+                sums[name] = torch.maximum(sums[name], value) if name in sums else value
             else:
-                sums[name] = sums.get(name, 0.0) + float(value) / total
-    return sums
+                sums[name] = sums.get(name, 0.0) + value / total
+    return {name: float(value) for name, value in sums.items()}
 
 
 def timestep_columns(

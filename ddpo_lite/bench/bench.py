@@ -30,6 +30,7 @@ import importlib.util
 import json
 import statistics
 import time
+import warnings
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -618,9 +619,10 @@ def vs_pipeline(
         _sync(device)
         return time.perf_counter() - start
 
-    if burn_in:
-        for fn in calls.values():
-            timed(fn)
+    syncs = {name: None for name in calls}
+    if burn_in:  # the untimed call also counts the host-device syncs (CUDA only)
+        for name, fn in calls.items():
+            syncs[name] = count_syncs(device, lambda fn=fn: timed(fn))
     times = {name: [] for name in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
@@ -649,7 +651,25 @@ def vs_pipeline(
         "paired_ratios": paired,
         "ratio": statistics.median(paired),
         "record_overhead": statistics.median(extras),
+        **{f"{name}_syncs": count for name, count in syncs.items()},
     }
+
+
+def count_syncs(device: torch.device, fn) -> int | None:
+    """How many times `fn` makes the host wait on the GPU (an `.item()`, a copy without
+    `non_blocking`), as CUDA's sync debug mode reports them; None off CUDA."""
+    if device.type != "cuda":
+        fn()
+        return None
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,6 +755,11 @@ def _pipeline_table(console, result: dict) -> None:
         f"rollout / pipeline images/s: {result['ratio']:.2f} (median of adjacent pairs: {pairs}); "
         f"keeping log-probs and the chain costs {100 * result['record_overhead']:+.0f}%"
     )
+    if result.get("rollout_syncs") is not None:
+        console.print(
+            f"host-device syncs per call: rollout {result['rollout_syncs']}, "
+            f"pipeline {result['pipeline_syncs']}"
+        )
 
 
 __all__ = ["Estimate", "add_bench_arguments", "measure", "run_bench", "vs_pipeline"]

@@ -377,6 +377,10 @@ def run_suite(
 # ---------------------------------------------------------------------------------------------
 
 
+def _count(value) -> str:
+    return "-" if value is None else str(value)
+
+
 def _mib(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:,.0f}"
 
@@ -397,8 +401,9 @@ def markdown(suite: dict) -> str:
     ]
     speed = [
         "| preset | model | px | s/epoch | samples/s | rollout img/s | rollout, no log-probs "
-        "img/s | pipeline img/s | pipeline s / rollout s | steps (vs pipeline) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "img/s | pipeline img/s | pipeline s / rollout s | steps (vs pipeline) | "
+        "syncs rollout / pipeline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     others = []
     compared = {r["family"]: r["preset"] for r in suite["presets"] if r.get("vs_pipeline")}
@@ -430,9 +435,10 @@ def markdown(suite: dict) -> str:
                 f"{versus['pipeline_images_per_second']:.2f}",
                 f"{versus['ratio']:.2f}",
                 str(versus["steps"]),
+                " / ".join(_count(versus.get(f"{n}_syncs")) for n in ("rollout", "pipeline")),
             ]
         else:
-            cells = [f"see {compared.get(result['family'], 'n/a')}"] * 4 + ["-"]
+            cells = [f"see {compared.get(result['family'], 'n/a')}"] * 4 + ["-", "-"]
         speed.append(
             f"| {name} | {model} | {px} | {measured['seconds_per_epoch']:.1f} | "
             f"{measured['samples_per_second']:.2f} | {' | '.join(cells)} |"

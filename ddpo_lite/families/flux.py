@@ -32,10 +32,10 @@ def image_ids(tokens: int, device=None) -> torch.Tensor:
     """(tokens, 3) positions (0, row, column) of a square packed latent, as
     `FluxPipeline._prepare_latent_image_ids` builds them."""
     side = math.isqrt(tokens)
-    ids = torch.zeros(side, side, 3)
-    ids[..., 1] = torch.arange(side)[:, None]
-    ids[..., 2] = torch.arange(side)[None, :]
-    return ids.reshape(tokens, 3).to(device)
+    ids = torch.zeros(side, side, 3, device=device)  # built where used: no copy per step
+    ids[..., 1] = torch.arange(side, device=device)[:, None]
+    ids[..., 2] = torch.arange(side, device=device)[None, :]
+    return ids.reshape(tokens, 3)
 
 
 def model_config(model: torch.nn.Module):

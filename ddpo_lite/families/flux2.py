@@ -134,9 +134,10 @@ class _Flux2:
         scheduler's (sigma * 1000)."""
         device = latents.device
         side = math.isqrt(latents.shape[1])
-        zero = torch.arange(1)
-        img_ids = _ids(zero, torch.arange(side), torch.arange(side), zero).to(device)
-        txt_ids = _ids(zero, zero, zero, torch.arange(cond["prompt_embeds"].shape[1])).to(device)
+        zero, length = torch.arange(1, device=device), cond["prompt_embeds"].shape[1]
+        rows = torch.arange(side, device=device)  # built where used: no copy per step
+        img_ids = _ids(zero, rows, rows, zero)
+        txt_ids = _ids(zero, zero, zero, torch.arange(length, device=device))
 
         def call(x, t, both: Cond) -> torch.Tensor:
             return denoiser(

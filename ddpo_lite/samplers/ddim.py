@@ -54,9 +54,9 @@ def ddim_mean_std(
     prev_t = t - step_size
     alphas_cumprod = scheduler.alphas_cumprod.float()
     alpha_prod_t = _gather(alphas_cumprod, t, ndim)
-    final = torch.as_tensor(float(scheduler.final_alpha_cumprod))
+    final = float(scheduler.final_alpha_cumprod)  # a host scalar: no copy to the device
     alpha_prod_prev = torch.where(
-        prev_t >= 0, alphas_cumprod.to(device)[prev_t.clamp(min=0)], final.to(device)
+        prev_t >= 0, alphas_cumprod.to(device)[prev_t.clamp(min=0)], final
     ).reshape(-1, *([1] * (ndim - 1)))
     beta_prod_t = 1 - alpha_prod_t
 

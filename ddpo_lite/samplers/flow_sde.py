@@ -104,12 +104,8 @@ def flow_step_with_logprob(
     4. log N(x_s; mean, std^2), averaged over elements. A step with std 0 (noise level 0, the
     CPS last step) has no density: ValueError.
     """
+    _check_has_density(sigmas, step, noise_level, kind)
     mean, std = flow_mean_std(sigmas, model_output, step, sample, noise_level, kind)
-    if bool((std <= 0).any()):
-        raise ValueError(
-            "this flow step is deterministic (std 0: noise level 0, or the CPS sampler's last "
-            "step) and has no log-probability"
-        )
     if prev_sample is None:
         where = generator.device if generator is not None else sample.device
         noise = torch.randn(sample.shape, generator=generator, device=where).to(sample.device)
@@ -117,6 +113,26 @@ def flow_step_with_logprob(
     log_prob = -((prev_sample.detach().float() - mean) ** 2) / (2 * std**2)
     log_prob = log_prob - torch.log(std) - _LOG_SQRT_2PI
     return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
+
+
+def _is_deterministic(sigmas: torch.Tensor, step, noise_level: float, kind: str) -> bool:
+    """Whether the step at `step` has std 0: noise level 0, or CPS's last step (s = 0). The
+    second reads the step index, so it is known only where that costs no device sync (an index
+    on the CPU); the rollout asks `stochastic_steps` instead."""
+    if noise_level <= 0:
+        return True
+    index = torch.as_tensor(step)
+    if kind != "cps" or index.device.type != "cpu":
+        return False
+    return bool((index.long() >= len(sigmas) - 2).any())
+
+
+def _check_has_density(sigmas: torch.Tensor, step, noise_level: float, kind: str) -> None:
+    if _is_deterministic(sigmas, step, noise_level, kind):
+        raise ValueError(
+            "this flow step is deterministic (std 0: noise level 0, or the CPS sampler's last "
+            "step) and has no log-probability"
+        )
 
 
 def flow_kl(
@@ -167,7 +183,8 @@ class FlowSDESampler:
     def model_timestep(self, step: torch.Tensor) -> torch.Tensor:
         """The scheduler's timestep (sigma * 1000) of step index `step`."""
         timesteps = self.scheduler.timesteps
-        return timesteps[torch.as_tensor(step, device=timesteps.device).long()]
+        index = torch.as_tensor(step, device=timesteps.device).long()
+        return timesteps[index.reshape(-1)].reshape(index.shape)  # a gather: no device sync
 
     def stochastic_steps(self) -> list[int]:
         """The steps with noise, and so a log-probability: all, less CPS's last (s = 0)."""
@@ -187,7 +204,7 @@ class FlowSDESampler:
         where it has noise and `stochastic` is True, else the deterministic Euler (ODE) step."""
         eta = self.eta if stochastic else 0.0
         mean, std = flow_mean_std(self.sigmas, model_output, step, sample, eta, self.kind)
-        if bool((std <= 0).all()):
+        if _is_deterministic(self.sigmas, step, eta, self.kind):
             return mean
         where = generator.device if generator is not None else sample.device
         noise = torch.randn(sample.shape, generator=generator, device=where).to(sample.device)
