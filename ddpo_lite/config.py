@@ -210,7 +210,8 @@ class RewardConfig:
     """Reward server only: seconds to wait for one batch's rewards in all (every retry and
     backoff included); a stalled server stops the run within it."""
     retries: int = 3
-    """Reward server only: attempts after the first, with exponential backoff, before the run stops."""
+    """Reward server only: attempts after the first, with exponential backoff (or a 429/503's
+    longer Retry-After), before the run stops."""
     backoff: float = 1.0
     """Reward server only: seconds before the first retry; doubled before each next one."""
     overlap: bool = True

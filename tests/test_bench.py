@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ddpo_lite.bench import add_bench_arguments, run_bench, select_for_vram
 from ddpo_lite.bench.counting import MemoryCounter, MetaAutocast
-from ddpo_lite.bench.estimate import GiB, adam_state_bytes, estimate
+from ddpo_lite.bench.estimate import OVERLAP_PHASE, GiB, adam_state_bytes, estimate
 from ddpo_lite.config import ConfigError
 from tests.conftest import tiny_config
 
@@ -153,6 +153,29 @@ def test_select_for_vram_fits_the_budget(tmp_path):
     assert estimate(chosen).device_bytes <= budget_gb * GiB
     assert chosen is not config and "predicted peak" in report and "estimate" in report
     assert config.train.timestep_chunk == 0  # the caller's config is left alone
+    assert chosen.reward.overlap  # the JPEG reward runs no model: overlapping it costs nothing
+
+
+def test_select_for_vram_turns_overlap_off_before_offloading_or_checkpointing(tmp_path):
+    """A model reward scored while the next batch samples holds a denoising step beside it: on
+    a budget only that moment exceeds, `--vram` turns reward.overlap off and no other lever."""
+    free = ["memory.offload_text_encoder=true", "memory.encode_batch_size=8"]  # the free levers
+    config = _tiny_gpu_config(tmp_path, "reward.name='aesthetic'", *free)
+
+    def predicted(*overrides: str) -> int:
+        return estimate(_tiny_gpu_config(tmp_path, "reward.name='aesthetic'", *free, *overrides))
+
+    leanest = ["train.micro_batch_size=1", "train.timestep_chunk=1"]
+    budget = predicted(*leanest, "reward.overlap=false").device_bytes
+    overlapped = predicted(*leanest)  # the smallest backward does not help: the overlap is the peak
+    assert overlapped.device_bytes > budget
+    assert max(overlapped.phases, key=lambda n: overlapped.phases[n].peak_bytes) == OVERLAP_PHASE
+    chosen, report = select_for_vram(config, budget / GiB)
+    assert not chosen.reward.overlap and config.reward.overlap
+    assert not chosen.memory.offload_reward and not chosen.memory.gradient_checkpointing
+    assert "reward.overlap: True -> False" in report
+    assert OVERLAP_PHASE not in estimate(chosen).phases
+    assert estimate(chosen).device_bytes <= budget
 
 
 def test_select_for_vram_refuses_an_impossible_budget(tmp_path):

@@ -8,6 +8,7 @@ fix, with exponential backoff, and otherwise stops with a RewardServerError nami
 from __future__ import annotations
 
 import base64
+import email.utils
 import http.client
 import io
 import json
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -28,7 +30,12 @@ from PIL import Image
 
 from ddpo_lite.rewards import client as client_module
 from ddpo_lite.rewards import get_reward
-from ddpo_lite.rewards.client import RemoteReward, RewardServerError, encode_image
+from ddpo_lite.rewards.client import (
+    RemoteReward,
+    RewardServerError,
+    encode_image,
+    parse_retry_after,
+)
 from ddpo_lite.rewards.server import main, make_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -541,6 +548,119 @@ def test_client_checks_its_arguments():
         RemoteReward("http://127.0.0.1:8123", retries=-1)
     with pytest.raises(ValueError, match="2 images, 1 prompts"):
         RemoteReward("http://127.0.0.1:8123")(make_images(2), ["a"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry-After: a busy server (429 or 503) says how long to wait
+
+
+def _busy(status: int = 503, retry_after: str | None = "1"):
+    """A busy answer, with a Retry-After header unless `retry_after` is None."""
+    headers = {} if retry_after is None else {"Retry-After": retry_after}
+    return status, headers, b'{"error": "busy: retry shortly"}'
+
+
+def _busy_then_ok(busy_answers: int, *busy_args):
+    """An answer that is busy the first `busy_answers` times, then scores [1, 2]; and its calls."""
+    calls: list[int] = []
+
+    def answer(request):
+        calls.append(1)
+        return _busy(*busy_args) if len(calls) <= busy_answers else _json(request, rewards=[1, 2])
+
+    return answer, calls
+
+
+def test_retry_after_is_waited_out_instead_of_a_retry_storm():
+    """A server busy for 1 s says Retry-After: 1; the client waits it out and retries once, where
+    its 0.01 s backoff alone would have sent ~7 requests into the busy second."""
+    arrivals: list[float] = []
+
+    def answer(request):
+        arrivals.append(time.monotonic())
+        if arrivals[-1] - arrivals[0] < 1.0:
+            return _busy(503, "1")
+        return _json(request, rewards=[1.0, 2.0])
+
+    with fake_server(answer) as url:
+        remote = RemoteReward(url, timeout=10, retries=10, backoff=0.01)
+        started = time.monotonic()
+        rewards, _ = remote(make_images(2), ["a", "b"])
+        elapsed = time.monotonic() - started
+    assert rewards.tolist() == [1.0, 2.0]
+    assert len(arrivals) == 2 and elapsed >= 1.0
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_as_an_http_date(sleeps, status):
+    """An HTTP-date 30 s ahead is a ~30 s wait (the date has whole seconds), on 429 as on 503."""
+    when = datetime.now(UTC) + timedelta(seconds=30)
+    answer, calls = _busy_then_ok(1, status, email.utils.format_datetime(when, usegmt=True))
+    with fake_server(answer) as url:
+        remote = RemoteReward(url, timeout=60, retries=1, backoff=0.01)
+        rewards, _ = remote(make_images(2), ["a", "b"])
+    assert rewards.tolist() == [1.0, 2.0] and len(calls) == 2
+    assert len(sleeps) == 1 and 28 < sleeps[0] <= 30
+
+
+def test_retry_after_past_the_budget_fails_at_once():
+    """A server asking for 120 s when the batch has ~10 s left: one line naming both and the fix,
+    at once rather than after the 10 s."""
+    with fake_server(lambda request: _busy(503, "120")) as url:
+        remote = RemoteReward(url, timeout=10, retries=3, backoff=0.01)
+        started = time.monotonic()
+        with pytest.raises(RewardServerError) as err:
+            remote(make_images(2), ["a", "b"])
+        elapsed = time.monotonic() - started
+    assert re.fullmatch(
+        rf"reward server {re.escape(url)} asked to wait 120s \(Retry-After\) but the batch has "
+        r"(9\.\d|10\.0)s left of reward\.timeout = 10s: raise reward\.timeout above 12\ds "
+        r"\(HTTP 503: busy: retry shortly\)",
+        str(err.value),
+    )
+    assert elapsed < 2
+
+
+@pytest.mark.parametrize("header", ["soon", "-1", "1.5", "", "Fri, 32 Foo 2025 25:61:00 GMT"])
+def test_a_malformed_retry_after_falls_back_to_the_backoff(sleeps, header):
+    answer, calls = _busy_then_ok(2, 503, header)
+    with fake_server(answer) as url:
+        rewards, _ = RemoteReward(url, retries=3, backoff=0.01)(make_images(2), ["a", "b"])
+    assert rewards.tolist() == [1.0, 2.0] and len(calls) == 3
+    assert sleeps == [0.01, 0.02]
+
+
+def test_429_is_retried_and_other_4xx_are_not(sleeps):
+    """429 (with no Retry-After, or one shorter than the backoff) waits the backoff; a 400 is
+    our request's fault and raises at once, its Retry-After ignored."""
+    answer, calls = _busy_then_ok(2, 429, None)
+    with fake_server(answer) as url:
+        rewards, _ = RemoteReward(url, retries=3, backoff=0.01)(make_images(2), ["a", "b"])
+    assert rewards.tolist() == [1.0, 2.0] and sleeps == [0.01, 0.02]
+
+    answer, calls = _busy_then_ok(1, 429, "0")
+    sleeps.clear()
+    with fake_server(answer) as url:
+        RemoteReward(url, retries=3, backoff=0.01)(make_images(2), ["a", "b"])
+    assert sleeps == [0.01] and len(calls) == 2
+
+    sleeps.clear()
+    with fake_server(lambda request: (400, {"Retry-After": "0"}, b'{"error": "bad"}')) as url:
+        with pytest.raises(RewardServerError, match=r"refused the request \(HTTP 400: bad\)$"):
+            RemoteReward(url, retries=3, backoff=0.01)(make_images(2), ["a", "b"])
+    assert sleeps == []
+
+
+def test_parse_retry_after():
+    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("120", now) == 120.0
+    assert parse_retry_after(" 0 ", now) == 0.0
+    assert parse_retry_after("Wed, 01 Jan 2025 12:00:45 GMT", now) == 45.0
+    assert parse_retry_after("Wed, 01 Jan 2025 12:00:45 -0000", now) == 45.0  # naive: UTC
+    assert parse_retry_after("Wed, 01 Jan 2025 13:00:45 +0100", now) == 45.0
+    assert parse_retry_after("Tue, 31 Dec 2024 12:00:00 GMT", now) == 0.0  # past: no wait
+    for malformed in [None, "", "soon", "-1", "1.5", "\u00b2", "Fri, 32 Foo 2025 25:61:00 GMT"]:
+        assert parse_retry_after(malformed, now) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 #: bitsandbytes keeps 8-bit state only for tensors with at least this many elements.
 BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCK = 256
+#: The phase where batch k is scored while batch k+1 samples (reward.overlap with a model reward).
+OVERLAP_PHASE = "sampling+reward overlap"
 
 ASSUMPTIONS = [
     "counted on the meta device: live tensor bytes of the run's own models and code paths",
@@ -880,7 +882,7 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
         # batch k is scored while batch k+1 is denoised and decoded
         during = {k: v for k, v in candidates.items() if k in ("denoising step", "VAE decode")}
         busy = _phase(resident, during)
-        phases["sampling+reward overlap"] = PhaseEstimate(
+        phases[OVERLAP_PHASE] = PhaseEstimate(
             busy.peak_bytes + reward_visit + reward_t,
             {
                 **busy.parts,

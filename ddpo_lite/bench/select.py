@@ -6,26 +6,32 @@ A config that already fits is returned as it is. Otherwise the levers are tried 
 1. the free ones, always: attention 'math' -> 'sdpa'; frozen weights in the autocast dtype
    (half_base, unless mixed_precision is 'no'); the text encoder off the accelerator (prompt
    embeddings are cached); VAE slicing; the prompt list encoded 8 prompts at a time;
-2. then, in this order, until one fits: gradient checkpointing and the reward offload as the
-   config has them; the reward model off the accelerator between calls (a transfer per sampling
-   batch); gradient checkpointing on (about a third more training compute); both; then the
-   frozen denoiser in NF4 (memory.quantize_base, a GPU with bitsandbytes: slower matmuls, a
-   slightly different base); then the text encoders run on the CPU (memory.encode_on_cpu: a
-   slower setup, nothing per step). At each of these the largest forward+backward (samples x
-   timesteps, a binary search over micro-batch and timestep chunk) that fits is taken.
+2. then, in this order, until one fits: gradient checkpointing, the reward offload and
+   `reward.overlap` as the config has them; overlap off, where the overlap costs memory (a
+   model reward scoring beside a denoising step): each batch is scored before the next one
+   samples, exposing the reward's host-side work (its kernels share the GPU with sampling
+   either way); the reward model off the accelerator between calls (its weights moved there and
+   back per sampling batch); both; then the same four with gradient checkpointing on (about a
+   third more training compute); then the frozen denoiser in NF4 (memory.quantize_base, a GPU
+   with bitsandbytes: slower matmuls, a slightly different base); then the text encoders run on
+   the CPU (memory.encode_on_cpu: a slower setup, nothing per step). At each of these the
+   largest forward+backward (samples x timesteps, a binary search over micro-batch and timestep
+   chunk) that fits is taken.
 
-A lever the config has on is never turned off. A config fits when its predicted device memory
-(peak allocated x (1 + allocator overhead) + the CUDA context, see estimate.py) is at most the
-budget. The batch the optimizer sees never changes: a smaller forward+backward is a micro-batch or
-a timestep chunk inside the same accumulated step.
+A lever the config has on is never turned off (nor overlap back on). A config fits when its
+predicted device memory (peak allocated x (1 + allocator overhead) + the CUDA context, see
+estimate.py) is at most the budget. The batch the optimizer sees never changes: a smaller
+forward+backward is a micro-batch or a timestep chunk inside the same accumulated step.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 
 from ddpo_lite.bench.estimate import (
+    OVERLAP_PHASE,
     Estimate,
     GiB,
     Transients,
@@ -108,9 +114,23 @@ def _model_levers(config: Config) -> tuple:
     )
 
 
+def _rungs(config: Config, overlap_costs: bool) -> list[tuple[bool, bool, bool]]:
+    """(gradient_checkpointing, offload_reward, reward.overlap) per rung, cheapest first: a lever
+    the config has on stays on, and overlap is turned off only where it costs memory."""
+    m = config.memory
+    overlaps = (config.reward.overlap, False) if overlap_costs else (config.reward.overlap,)
+    rungs = []
+    for rung in itertools.product(
+        (m.gradient_checkpointing, True), (m.offload_reward, True), overlaps
+    ):
+        if rung not in rungs:
+            rungs.append(rung)
+    return rungs
+
+
 def _describe(old: Config, new: Config) -> list[str]:
     changes = []
-    for section in ("memory", "train"):
+    for section in ("memory", "reward", "train"):
         before, after = getattr(old, section), getattr(new, section)
         for f in dataclasses.fields(after):
             a, b = getattr(before, f.name), getattr(after, f.name)
@@ -161,18 +181,16 @@ def select_for_vram(config: Config, vram_gb: float) -> tuple[Config, str]:
     free.memory.offload_text_encoder = True
     free.memory.vae_slicing = True
     free.memory.encode_batch_size = min(free.memory.encode_batch_size, 8)  # setup only
-    # 2. the reward model off the accelerator between calls; then 3-4 without/with checkpointing
-    # the config's own setting of a lever is kept unless turning it on is needed (never off)
+    # 2. overlap off, the reward model off the accelerator between calls, both; then 3-4 the
+    # same with checkpointing; the config's own setting of a lever is kept unless turning it on
+    # is needed (never off)
     ladder = []
-    for checkpointing in (config.memory.gradient_checkpointing, True):
-        for offload_reward in (config.memory.offload_reward, True):
-            if (checkpointing, offload_reward) not in [
-                (c.memory.gradient_checkpointing, c.memory.offload_reward) for c in ladder
-            ]:
-                step = copy.deepcopy(free)
-                step.memory.gradient_checkpointing = checkpointing
-                step.memory.offload_reward = offload_reward
-                ladder.append(step)
+    for checkpointing, offload_reward, overlap in _rungs(config, OVERLAP_PHASE in result.phases):
+        step = copy.deepcopy(free)
+        step.memory.gradient_checkpointing = checkpointing
+        step.memory.offload_reward = offload_reward
+        step.reward.overlap = overlap
+        ladder.append(step)
     # 5-6. the quantized base, then the text encoders on the CPU (every step above kept on)
     if config.memory.quantize_base == "none":
         step = copy.deepcopy(ladder[-1])
@@ -199,8 +217,7 @@ def select_for_vram(config: Config, vram_gb: float) -> tuple[Config, str]:
             f"--vram {vram_gb:g}: nothing fits; the leanest settings (every lever on, 1 sample x "
             f"1 timestep per backward) are predicted to need {floor.device_bytes / GiB:.2f} GiB "
             f"(largest phase: {largest}); use a larger card, fewer samples per epoch "
-            "(sample.num_batches_per_epoch), a smaller sample.resolution, or reward.overlap = "
-            "false (the reward then never meets a denoising step)"
+            "(sample.num_batches_per_epoch) or a smaller sample.resolution"
         )
     best = None
     for step in ladder:

@@ -21,19 +21,23 @@ How to use:
     reward = RemoteReward("http://127.0.0.1:8123", timeout=60, retries=3, backoff=1.0)
     rewards, info = reward(images, prompts, metadata)   # rewards: np.ndarray (B,), float64
 
-Failure policy: connection errors, timeouts and 5xx answers are retried `retries` times with
-exponential backoff (backoff, 2*backoff, 4*backoff, ... seconds between attempts), all within one
-`timeout` budget per call (one batch: every request, retry and backoff of it), so a stalled
-server stops the run within `timeout` seconds, not attempts x timeout. A 4xx answer (our request
-was wrong), a redirect (never followed: a 302 would turn the POST into a GET without images) or
-an answer that is not exactly what was asked (rewards that are not JSON numbers or null, another
-length, another request's id) raises at once. Either way the error is a `RewardServerError` whose
-one-line message names the server and what happened.
+Failure policy: connection errors, timeouts, 5xx answers and 429 (Too Many Requests) are retried
+`retries` times with exponential backoff (backoff, 2*backoff, 4*backoff, ... seconds between
+attempts), all within one `timeout` budget per call (one batch: every request, retry and backoff
+of it), so a stalled server stops the run within `timeout` seconds, not attempts x timeout. A 429
+or 503 with a `Retry-After` header (seconds or an HTTP-date) waits the larger of it and the
+backoff; a server asking for longer than the budget has left fails at once (a malformed header
+is ignored: the backoff). Any other 4xx answer (our request was wrong), a redirect (never
+followed: a 302 would turn the POST into a GET without images) or an answer that is not exactly
+what was asked (rewards that are not JSON numbers or null, another length, another request's
+id) raises at once. Either way the error is a `RewardServerError` whose one-line message names
+the server and what happened.
 """
 
 from __future__ import annotations
 
 import base64
+import email.utils
 import http.client
 import io
 import json
@@ -45,6 +49,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from time import sleep
 from typing import Any
 
@@ -57,7 +62,15 @@ class RewardServerError(RuntimeError):
 
 
 class _Retryable(Exception):
-    """One attempt failed in a way a retry may fix (connection, timeout, 5xx)."""
+    """One attempt failed in a way a retry may fix (connection, timeout, 5xx, 429); `wait` is
+    the server's Retry-After in seconds, None when it sent none (or none that parses)."""
+
+    def __init__(self, reason: str, wait: float | None = None):
+        super().__init__(reason)
+        self.wait = wait
+
+
+RETRY_AFTER_STATUSES = (429, 503)  # the answers whose Retry-After header the client honours
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -125,7 +138,8 @@ class RemoteReward:
         url: the server's base URL, e.g. "http://127.0.0.1:8123".
         timeout: seconds one call may take in all: every request, retry and backoff sleep
             of one batch (connect + scoring + answer).
-        retries: extra attempts after a connection error, timeout or 5xx answer.
+        retries: extra attempts after a connection error, timeout, 5xx or 429 answer (a
+            Retry-After header on a 429 or 503 can lengthen the wait before one).
         backoff: seconds before the first retry; doubled before each next one.
         batch_size: at most this many images per request (a big batch is sent in order as
             several requests), keeping each request under the server's size limit.
@@ -240,10 +254,13 @@ class RemoteReward:
         """One request with retries, all before `deadline` (time.monotonic()); the decoded
         JSON answer."""
         attempts, made, out_of_time = self.retries + 1, 0, False
-        reason = "no time left"
+        reason, asked = "no time left", None
         for attempt in range(attempts):
             if attempt:
                 pause = self.backoff * 2 ** (attempt - 1)
+                if asked is not None:
+                    self._check_retry_after(asked, reason, deadline)
+                    pause = max(pause, asked)
                 if time.monotonic() + pause >= deadline:
                     out_of_time = True
                     break
@@ -256,7 +273,7 @@ class RemoteReward:
             try:
                 return self._attempt(method, path, body, remaining, deadline)
             except _Retryable as err:
-                reason = str(err)
+                reason, asked = str(err), err.wait
         verb = "failed" if reason.startswith("HTTP") else "did not answer"
         tries = f"{made} attempt{'s' if made != 1 else ''}"
         if out_of_time:
@@ -265,6 +282,18 @@ class RemoteReward:
                 f"for the batch ({tries}; {reason})"
             )
         raise RewardServerError(f"reward server {self.url} {verb} after {tries} ({reason})")
+
+    def _check_retry_after(self, asked: float, reason: str, deadline: float) -> None:
+        """Fail at once when the server's Retry-After is past what the batch's budget has left."""
+        left = deadline - time.monotonic()
+        if asked < left:
+            return
+        spent = self.timeout - left
+        raise RewardServerError(
+            f"reward server {self.url} asked to wait {round(asked, 1):g}s (Retry-After) but the "
+            f"batch has {max(left, 0):.1f}s left of reward.timeout = {self.timeout:g}s: raise "
+            f"reward.timeout above {math.ceil(spent + asked):d}s ({reason})"
+        )
 
     def _attempt(
         self, method: str, path: str, body: bytes | None, timeout: float, deadline: float
@@ -287,8 +316,11 @@ class RemoteReward:
                     "reward.url to the server's own address"
                 ) from err
             message = _error_message(err)
-            if err.code >= 500:
-                raise _Retryable(f"HTTP {err.code}: {message}") from err
+            if err.code >= 500 or err.code == 429:
+                wait = None
+                if err.code in RETRY_AFTER_STATUSES and err.headers:
+                    wait = parse_retry_after(err.headers.get("Retry-After"))
+                raise _Retryable(f"HTTP {err.code}: {message}", wait) from err
             raise RewardServerError(
                 f"reward server {self.url} refused the request (HTTP {err.code}: {message})"
             ) from err
@@ -334,6 +366,24 @@ def _read_before(response, deadline: float) -> bytes:
         # read(n) ends quietly where read() raises: the server went away mid-answer
         raise http.client.IncompleteRead(body, int(expected) - len(body))
     return body
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """A Retry-After header as seconds to wait from `now` (UTC): delay-seconds (an integer) or
+    an HTTP-date (a past date is 0); None when absent or malformed."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as HTTP-dates are
+        when = when.replace(tzinfo=UTC)
+    now = datetime.now(UTC) if now is None else now
+    return max((when - now).total_seconds(), 0.0)
 
 
 def _is_number_or_null(value: Any) -> bool:
