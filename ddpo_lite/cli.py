@@ -254,13 +254,17 @@ def _quote(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ddpo-lite", description="Fine-tune Stable Diffusion with DDPO by training a LoRA."
+        prog="ddpo-lite",
+        description="Fine-tune text-to-image models (SD 1.x, SDXL, SD3.5, FLUX) with reinforcement "
+        "learning (DDPO, GRPO, DiffusionNFT, AWM) by training a LoRA.",
     )
     parser.add_argument("--version", action="version", version=f"ddpo-lite {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
-        "train", help="run DDPO training", description="Run DDPO from a preset, or resume a run."
+        "train",
+        help="train a LoRA with RL",
+        description="Train from a preset (DDPO, GRPO, DiffusionNFT or AWM), or resume a run.",
     )
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -348,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="write a LoRA with kohya keys for ComfyUI / AUTOMATIC1111",
+        help="write a LoRA file for ComfyUI / AUTOMATIC1111 (kohya keys; SD3 / FLUX: ComfyUI's)",
         description="Convert a ddpo-lite (diffusers-format) LoRA to one kohya-format file.",
     )
     export.add_argument("lora", metavar="LORA", help="LoRA folder or .safetensors file")

@@ -178,3 +178,26 @@ def test_a_quantized_preset_is_skipped_with_the_reason_where_bitsandbytes_cannot
     result = run_preset("flux-pickscore", tmp_path / "part.json", tiny=True)
     assert result["status"] == "skipped" and "quantize_base = 'nf4'" in result["error"]
     assert json.loads((tmp_path / "part.json").read_text())["status"] == "skipped"
+
+
+def test_syncs_are_counted_as_cuda_reports_them(monkeypatch):
+    """The GPU run's sync count (CUDA's sync debug mode, which a CPU build lacks): the mode is
+    set around the call and restored, each warning CUDA gives is one sync, others are not."""
+    import warnings
+
+    import torch
+
+    from ddpo_lite.bench.bench import count_syncs
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def two_syncs():
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("an unrelated warning", stacklevel=1)
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+
+    assert count_syncs(torch.device("cuda"), two_syncs) == 2
+    assert modes == ["warn", 0]
+    assert count_syncs(torch.device("cpu"), two_syncs) is None

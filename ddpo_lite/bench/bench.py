@@ -669,7 +669,8 @@ def count_syncs(device: torch.device, fn) -> int | None:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    # torch's words for each one: "called a synchronizing CUDA operation"
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 # ---------------------------------------------------------------------------------------------

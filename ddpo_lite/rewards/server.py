@@ -408,14 +408,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._log(err.status, None, started, str(err))
             return
         del body
-        pixels = sum(image.width * image.height for image in images)
+        count, pixels = len(images), sum(image.width * image.height for image in images)
         try:
-            self._reward(images, prompts, metadata, request_id, started)
-        finally:
+            status, payload = self._reward(images, prompts, metadata, request_id)
+        finally:  # the pixels are given back before the answer: a client that has it may reuse them
             del images
             self.server.pixels.release(pixels)
+        self._answer(status, payload)
+        self._log(status, count, started, payload.get("error", ""))
 
-    def _reward(self, images, prompts, metadata, request_id, started: float) -> None:
+    def _reward(self, images, prompts, metadata, request_id) -> tuple[int, dict]:
         # 2. the reward, chunk by chunk under the lock; its failure is a 500 the client may retry
         name = self.server.reward_name
         try:
@@ -423,22 +425,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.reward, images, prompts, metadata, self.server.max_batch,
                 self.server.reward_lock,
             )  # fmt: skip
-            payload = {"rewards": to_jsonable(rewards), "info": to_jsonable(info)}
-            if request_id is not None:
-                payload["id"] = request_id
         except RewardOutputError as err:
-            message = f"reward {name!r} {err}"
-            self._answer(500, {"error": message})
-            self._log(500, len(images), started, message)
-            return
+            return 500, {"error": f"reward {name!r} {err}"}
         except Exception as err:
             message = f"reward {name!r} raised {type(err).__name__}: {err}"
             log.exception("%s", message)
-            self._answer(500, {"error": message})
-            self._log(500, len(images), started, message)
-            return
-        self._answer(200, payload)
-        self._log(200, len(images), started)
+            return 500, {"error": message}
+        payload = {"rewards": to_jsonable(rewards), "info": to_jsonable(info)}
+        if request_id is not None:
+            payload["id"] = request_id
+        return 200, payload
 
     # -- helpers -------------------------------------------------------------------------------
 
