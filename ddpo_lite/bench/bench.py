@@ -459,7 +459,7 @@ def _epoch(run: Run, counted: bool) -> dict[str, dict]:
     )
     start = time.perf_counter()
     with _phase_memory(run, counted, held, stats["training"]):
-        update(
+        trained = update(
             run.accelerator,
             run.policy,
             run.model,
@@ -473,6 +473,8 @@ def _epoch(run: Run, counted: bool) -> dict[str, dict]:
         )
     _sync(device)
     stats["training"]["seconds"] = time.perf_counter() - start
+    # the epoch's one optimizer step scores samples of the policy it steps: on-policy
+    stats["training"]["ratio_dev"] = trained.get("ratio_dev")
     for name in PHASES:
         stats[name]["samples"] = n
     return stats
@@ -505,6 +507,9 @@ def measure(
         }
     epoch_seconds = sum(phases[n]["seconds"] for n in PHASES)
     samples = epoch_stats[0]["sampling"]["samples"]
+    deviations = [e["training"]["ratio_dev"] for e in epoch_stats]
+    if any(d is None for d in deviations):  # the log-prob-free algorithms have no ratio
+        deviations = []
     return {
         "kind": "measurement",
         "device": _device_name(device),
@@ -521,6 +526,9 @@ def measure(
         "timing_includes_counter": not on_gpu and epochs == 1,
         "seconds_per_epoch": epoch_seconds,
         "samples_per_second": samples / epoch_seconds,
+        # max |pi / pi_old - 1| where the two are the same policy (exactly 1 in exact arithmetic):
+        # what sampling and training compute differently under this preset's levers
+        "on_policy_ratio_dev": max(deviations) if deviations else None,
         "memory": dict(vars(config.memory)),
         "optimizer": run.optimizer_name,
         "notes": list(run.notes),

@@ -377,6 +377,11 @@ def run_suite(
 # ---------------------------------------------------------------------------------------------
 
 
+def _deviation(measured: dict) -> str:
+    value = measured.get("on_policy_ratio_dev")
+    return "- (no ratio)" if value is None else f"{value:.1e}"
+
+
 def _count(value) -> str:
     return "-" if value is None else str(value)
 
@@ -400,10 +405,10 @@ def markdown(suite: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     speed = [
-        "| preset | model | px | s/epoch | samples/s | rollout img/s | rollout, no log-probs "
-        "img/s | pipeline img/s | pipeline s / rollout s | steps (vs pipeline) | "
-        "syncs rollout / pipeline |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | model | px | s/epoch | samples/s | on-policy max abs(ratio - 1) | "
+        "rollout img/s | rollout, no log-probs img/s | pipeline img/s | pipeline s / rollout s "
+        "| steps (vs pipeline) | syncs rollout / pipeline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     others = []
     compared = {r["family"]: r["preset"] for r in suite["presets"] if r.get("vs_pipeline")}
@@ -441,7 +446,8 @@ def markdown(suite: dict) -> str:
             cells = [f"see {compared.get(result['family'], 'n/a')}"] * 4 + ["-", "-"]
         speed.append(
             f"| {name} | {model} | {px} | {measured['seconds_per_epoch']:.1f} | "
-            f"{measured['samples_per_second']:.2f} | {' | '.join(cells)} |"
+            f"{measured['samples_per_second']:.2f} | {_deviation(measured)} | "
+            f"{' | '.join(cells)} |"
         )
     ran = [r["measurement"] for r in suite["presets"] if r.get("measurement")]
     source = sorted({m["peak_source"] for m in ran}) or ["n/a"]
