@@ -5,6 +5,7 @@ fails alone, a preset that outlives the budget is killed, the rest is skipped, a
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -82,6 +83,12 @@ def test_markdown_tables_have_every_cell_filled(suite):
     text = markdown({**result, "presets": [*result["presets"], standing]})
     assert "Measured by another preset:\n- counting: measured by aesthetic: why" in text
     assert "Not run" not in text
+    assert "beyond PyTorch's allocator" not in text  # a CPU run has none to tell
+    on_card = copy.deepcopy(result)
+    on_card["presets"][0]["measurement"]["outside_allocator_bytes"] = 600 * 2**20
+    text = markdown(on_card)
+    assert "beyond PyTorch's allocator (CUDA context, kernels), MiB, after the epochs: " in text
+    assert f"{ONE_PER_FAMILY[0]} 600;" in text and "the estimate assumes 512" in text
 
 
 def test_failures_are_isolated_and_the_budget_is_kept(tmp_path):

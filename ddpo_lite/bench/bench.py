@@ -507,6 +507,10 @@ def measure(
         }
     epoch_seconds = sum(phases[n]["seconds"] for n in PHASES)
     samples = epoch_stats[0]["sampling"]["samples"]
+    outside = None
+    if on_gpu:  # what the card holds beyond PyTorch's allocator: the CUDA context, kernels
+        free, total = torch.cuda.mem_get_info(device)
+        outside = int(total - free - torch.cuda.memory_reserved(device))
     deviations = [e["training"]["ratio_dev"] for e in epoch_stats]
     if any(d is None for d in deviations):  # the log-prob-free algorithms have no ratio
         deviations = []
@@ -521,6 +525,8 @@ def measure(
         "peak_bytes": max(p["peak_bytes"] for p in phases.values()),
         "peak_source": "cuda-allocator" if on_gpu else "dispatch-counter",
         "phases": phases,
+        # measured after the epochs, beside the estimate's assumed CUDA_CONTEXT_BYTES
+        "outside_allocator_bytes": outside,
         "epochs": epochs,
         "timed_epochs": len(timed),
         "timing_includes_counter": not on_gpu and epochs == 1,

@@ -464,6 +464,17 @@ def markdown(suite: dict) -> str:
     stood = [f"- {r['preset']}: {r['error']}" for r in suite["presets"] if r.get("by")]
     others = [line for line in others if line not in stood and ": stood-for: " not in line]
     parts = [head, "", *memory, "", *speed]
+    outside = {m["preset"]: m["outside_allocator_bytes"] for m in ran}
+    if any(v is not None for v in outside.values()):
+        from ddpo_lite.bench.estimate import ALLOCATOR_OVERHEAD, CUDA_CONTEXT_BYTES
+
+        cells = ", ".join(f"{k} {_mib(v)}" for k, v in outside.items() if v is not None)
+        parts += [
+            "",
+            f"On the card beyond PyTorch's allocator (CUDA context, kernels), MiB, after the "
+            f"epochs: {cells}; the estimate assumes {_mib(CUDA_CONTEXT_BYTES)}, and reserved = "
+            f"allocated x {1 + ALLOCATOR_OVERHEAD:.2f}.",
+        ]
     if stood:
         parts += ["", "Measured by another preset:", *stood]
     if others:
