@@ -85,10 +85,14 @@ def test_markdown_tables_have_every_cell_filled(suite):
     assert "Not run" not in text
     assert "beyond PyTorch's allocator" not in text  # a CPU run has none to tell
     on_card = copy.deepcopy(result)
-    on_card["presets"][0]["measurement"]["outside_allocator_bytes"] = 600 * 2**20
+    measured = on_card["presets"][0]["measurement"]
+    measured["outside_allocator_bytes"] = 600 * 2**20
+    for phase, ratio in zip(measured["phases"].values(), (1.2, 1.05, 1.5), strict=True):
+        phase["reserved_bytes"] = int(phase["peak_bytes"] * ratio)
     text = markdown(on_card)
     assert "beyond PyTorch's allocator (CUDA context, kernels), MiB, after the epochs: " in text
     assert f"{ONE_PER_FAMILY[0]} 600;" in text and "the estimate assumes 512" in text
+    assert "Reserved / allocated peak, measured: 1.20 (1.05-1.50, 3 phases)" in text
 
 
 def test_failures_are_isolated_and_the_budget_is_kept(tmp_path):

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -469,11 +470,24 @@ def markdown(suite: dict) -> str:
         from ddpo_lite.bench.estimate import ALLOCATOR_OVERHEAD, CUDA_CONTEXT_BYTES
 
         cells = ", ".join(f"{k} {_mib(v)}" for k, v in outside.items() if v is not None)
+        ratios = sorted(
+            p["reserved_bytes"] / p["peak_bytes"]
+            for m in ran
+            for p in m["phases"].values()
+            if p.get("reserved_bytes") and p.get("peak_bytes")
+        )
+        spread = (
+            f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}, "
+            f"{len(ratios)} phases)"
+            if ratios
+            else "n/a"
+        )
         parts += [
             "",
             f"On the card beyond PyTorch's allocator (CUDA context, kernels), MiB, after the "
-            f"epochs: {cells}; the estimate assumes {_mib(CUDA_CONTEXT_BYTES)}, and reserved = "
-            f"allocated x {1 + ALLOCATOR_OVERHEAD:.2f}.",
+            f"epochs: {cells}; the estimate assumes {_mib(CUDA_CONTEXT_BYTES)}. Reserved / "
+            f"allocated peak, measured: {spread}; the estimate assumes "
+            f"{1 + ALLOCATOR_OVERHEAD:.2f}.",
         ]
     if stood:
         parts += ["", "Measured by another preset:", *stood]
