@@ -153,7 +153,26 @@ def test_select_for_vram_fits_the_budget(tmp_path):
     assert estimate(chosen).device_bytes <= budget_gb * GiB
     assert chosen is not config and "predicted peak" in report and "estimate" in report
     assert config.train.timestep_chunk == 0  # the caller's config is left alone
-    assert chosen.reward.overlap  # the JPEG reward runs no model: overlapping it costs nothing
+    # the JPEG reward runs no model: overlapping it costs nothing, and there is none to offload
+    assert chosen.reward.overlap and not chosen.memory.offload_reward
+
+
+def test_select_for_vram_offloads_no_reward_that_has_no_model(tmp_path):
+    """At a budget only the floor fits (every lever, 1 sample x 1 timestep), the JPEG reward's
+    offload and overlap are left as they were: it has no model to move."""
+    config = _tiny_gpu_config(tmp_path)
+    floor = _tiny_gpu_config(
+        tmp_path,
+        "memory.gradient_checkpointing=true",
+        "memory.quantize_base='nf4'",
+        "memory.encode_on_cpu=true",
+        "memory.encode_batch_size=8",
+        "train.micro_batch_size=1",
+        "train.timestep_chunk=1",
+    )
+    chosen, _ = select_for_vram(config, estimate(floor).device_bytes / GiB)
+    assert chosen.memory.quantize_base == "nf4"  # the ladder went all the way down
+    assert not chosen.memory.offload_reward and chosen.reward.overlap
 
 
 def test_select_for_vram_turns_overlap_off_before_offloading_or_checkpointing(tmp_path):

@@ -114,15 +114,17 @@ def _model_levers(config: Config) -> tuple:
     )
 
 
-def _rungs(config: Config, overlap_costs: bool) -> list[tuple[bool, bool, bool]]:
+def _rungs(
+    config: Config, overlap_costs: bool, reward_model: bool
+) -> list[tuple[bool, bool, bool]]:
     """(gradient_checkpointing, offload_reward, reward.overlap) per rung, cheapest first: a lever
-    the config has on stays on, and overlap is turned off only where it costs memory."""
+    the config has on stays on; overlap is turned off only where it costs memory, and the reward
+    offloaded only where it has a model on the card."""
     m = config.memory
     overlaps = (config.reward.overlap, False) if overlap_costs else (config.reward.overlap,)
+    offloads = (m.offload_reward, True) if reward_model else (m.offload_reward,)
     rungs = []
-    for rung in itertools.product(
-        (m.gradient_checkpointing, True), (m.offload_reward, True), overlaps
-    ):
+    for rung in itertools.product((m.gradient_checkpointing, True), offloads, overlaps):
         if rung not in rungs:
             rungs.append(rung)
     return rungs
@@ -185,7 +187,10 @@ def select_for_vram(config: Config, vram_gb: float) -> tuple[Config, str]:
     # same with checkpointing; the config's own setting of a lever is kept unless turning it on
     # is needed (never off)
     ladder = []
-    for checkpointing, offload_reward, overlap in _rungs(config, OVERLAP_PHASE in result.phases):
+    reward = result.phases["reward"].parts
+    reward_model = reward.get("reward_weights", 0) + reward.get("reward_weights_visit", 0) > 0
+    rungs = _rungs(config, OVERLAP_PHASE in result.phases, reward_model)
+    for checkpointing, offload_reward, overlap in rungs:
         step = copy.deepcopy(free)
         step.memory.gradient_checkpointing = checkpointing
         step.memory.offload_reward = offload_reward
