@@ -250,7 +250,7 @@ def build_bench_reward(config: Config, device: torch.device) -> tuple[object, li
     vit_h = any(r in VIT_H_REWARDS for r in model_rewards)
     vision, text = random_clip(device, vit_h, tiny)
     size = vision.config.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)
+    processor = _pil(CLIPImageProcessor(size={"shortest_edge": size}, crop_size=size))
     kind = "tiny " if tiny else ""
     if vit_h:
         from ddpo_lite.models.tiny import build_tiny_tokenizer
@@ -307,6 +307,18 @@ TINY_CLIP_TEXT = dict(
     max_position_embeddings=77,
     projection_dim=32,
 )
+
+
+def _pil(processor):
+    """The same processor on PIL's backend, as the real rewards load theirs (the GPU image has
+    torchvision, whose backend transformers would otherwise pick: other timings)."""
+    import tempfile
+
+    from ddpo_lite.rewards._models import pil_image_processor
+
+    with tempfile.TemporaryDirectory() as folder:
+        processor.save_pretrained(folder)
+        return pil_image_processor(folder)
 
 
 def random_clip(device, vit_h: bool, tiny: bool):
