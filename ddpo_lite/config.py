@@ -39,6 +39,12 @@ class ModelConfig:
     """'auto' (from the model's model_index.json), 'sd1' (Stable Diffusion 1.x and 2.x),
     'sdxl' (Stable Diffusion XL), 'sd3' (Stable Diffusion 3 / 3.5, flow matching), 'flux'
     (FLUX.1-dev / -schnell) or 'flux2' (FLUX.2-klein)."""
+    max_sequence_length: int = -1
+    """Text-encoder tokens of the flow models' prompts (T5 for sd3 and flux, Qwen3 for flux2),
+    their pipelines' `max_sequence_length`; -1 = the model's default (SD3 256, FLUX.1 and
+    FLUX.2-klein 512, shapes-flow 0). Fewer tokens shorten the transformer's sequence: less
+    memory and time, longer prompts cut. At most 512 for T5; 0 (CLIP's tokens alone) only for
+    an SD3 model without T5. The UNet families (sd1, sdxl) read CLIP's 77, fixed: leave -1."""
 
 
 @dataclass
@@ -309,6 +315,11 @@ class Config:
                 "a multiple of 8 (pixels), or 0 for the model's native size",
             ),
             (
+                "model.max_sequence_length",
+                self.model.max_sequence_length >= -1,
+                "an integer >= 0 (text-encoder tokens), or -1 for the model's default",
+            ),
+            (
                 "model.family",
                 self.model.family in ("auto", *FAMILIES),
                 f"'auto' or one of {', '.join(map(repr, FAMILIES))}",
@@ -472,6 +483,13 @@ class Config:
                 f"memory.quantize_base = {self.memory.quantize_base!r} runs through diffusers' "
                 "bitsandbytes quantizer, which needs a GPU, and memory.cpu = true: use "
                 "memory.quantize_base = 'fp8' (layerwise fp8 storage runs on the CPU) or 'none'"
+            )
+        m = self.model
+        if m.family in ("sd1", "sdxl") and m.max_sequence_length != -1:
+            raise ConfigError(
+                f"model.max_sequence_length = {m.max_sequence_length} but model.family = "
+                f"{m.family!r} reads its prompts as CLIP's 77 tokens, fixed; it sets the T5 / "
+                "Qwen3 tokens of the flow families (sd3, flux, flux2): set it to -1"
             )
         if not self.prompts.file and not self.prompts.prompts:
             raise ConfigError("prompts.prompts is empty and prompts.file is unset: give one")

@@ -237,10 +237,10 @@ def evaluate_lora(
     """Evaluate the base model and, with `lora`, the tuned one on the same noise.
 
     Defaults are the run's own: the LoRA's metadata (base model, reward as trained: a weighted
-    sum, a reward server, ...; steps, guidance, eta) and the evaluation settings (`[eval]`
-    prompt groups, num_per_prompt, max_prompts, seed) of the run's config.toml beside the LoRA
-    folder, else of its preset, else 4 images per prompt and seed 20231. Returns (base results,
-    tuned results or None).
+    sum, a reward server, ...; steps, guidance, eta, resolution, a flow model's text tokens) and
+    the evaluation settings (`[eval]` prompt groups, num_per_prompt, max_prompts, seed) of the
+    run's config.toml beside the LoRA folder, else of its preset, else 4 images per prompt and
+    seed 20231. Returns (base results, tuned results or None).
     """
     from ddpo_lite.config import Config, EvalConfig, load_config
     from ddpo_lite.models import load_pipeline
@@ -279,6 +279,7 @@ def evaluate_lora(
     sampling.sample.guidance_scale = float(metadata.get("guidance_scale", 5.0))
     sampling.sample.eta = float(metadata.get("eta", 1.0))
     sampling.sample.resolution = int(metadata.get("resolution", 0))
+    sampling.model.max_sequence_length = int(metadata.get("max_sequence_length", -1))
     sampling.memory.offload_text_encoder = False
     policy = make_policy(pipe, sampling, device, autocast=contextlib.nullcontext)
     settings = dict(

@@ -116,7 +116,8 @@ def sample(
 ) -> SampleResult:
     """`num` images per prompt from the LoRA (or the bare base `model` when `lora` is None).
 
-    Steps, guidance and eta default to the ones the LoRA was trained with. With `output`, writes
+    Steps, guidance, eta, resolution and a flow model's text tokens (`model.max_sequence_length`)
+    default to the ones the LoRA was trained with. With `output`, writes
     each image as PNG and a grid with the prompts under the images.
     """
     if output is not None:
@@ -136,12 +137,14 @@ def sample(
     eta = eta if eta is not None else float(metadata.get("eta", 1.0))
 
     size = int(metadata.get("resolution", 0)) or None  # as trained (None: the model's own)
-    from ddpo_lite.families import family_of
+    from ddpo_lite.families import family_of, sequence_length
 
     # DDIM's eta; a flow model's pipeline samples its ODE (Euler), which has no noise to set
     noise = {"eta": eta} if family_of(pipe).sampler == "ddim" else {}
-    if hasattr(pipe, "t5_sequence_length"):  # shapes-flow: trained with no T5 tokens
-        noise["max_sequence_length"] = pipe.t5_sequence_length
+    # a flow model's text tokens as trained, else the model's default (shapes-flow: 0)
+    tokens = sequence_length(pipe, int(metadata.get("max_sequence_length", -1)))
+    if tokens >= 0:
+        noise["max_sequence_length"] = tokens
     result = SampleResult()
     for prompt in prompts:
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num)]

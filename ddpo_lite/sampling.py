@@ -138,7 +138,8 @@ class PromptEncoder:
     With `offload=True` the text encoders live on the CPU and visit `device` only while they
     encode prompts not seen before. With `on_cpu=True` they never leave the CPU: they encode
     there and only the embeddings move to `device` (SD3's T5-XXL, 9 GB in bf16, never meets the
-    accelerator; setup is slower).
+    accelerator; setup is slower). `max_sequence_length`: the flow families' text-encoder
+    tokens (`model.max_sequence_length`; -1: the model's default), kept resolved.
     """
 
     def __init__(
@@ -150,8 +151,9 @@ class PromptEncoder:
         family=None,
         resolution: int = 0,
         on_cpu: bool = False,
+        max_sequence_length: int = -1,
     ):
-        from ddpo_lite.families import family_of
+        from ddpo_lite.families import family_of, sequence_length
 
         self.on_cpu = on_cpu
         self.pipe = pipe
@@ -160,6 +162,7 @@ class PromptEncoder:
         self.negative_prompt = negative_prompt
         self.offload = offload
         self.resolution = resolution or self.family.native_resolution(pipe)
+        self.max_sequence_length = sequence_length(pipe, max_sequence_length)  # -1: CLIP only
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
         self._negative: Cond | None = None
         self._place("cpu" if offload or on_cpu else self.device)
@@ -185,7 +188,12 @@ class PromptEncoder:
                 self._place(self.device)
             where = torch.device("cpu") if self.on_cpu else self.device
             cond, negative = self.family.encode(
-                self.pipe, missing or [""], where, self.negative_prompt, self.resolution
+                self.pipe,
+                missing or [""],
+                where,
+                self.negative_prompt,
+                self.resolution,
+                self.max_sequence_length,
             )
             if visit:
                 self._place("cpu")

@@ -67,7 +67,7 @@ from ddpo_lite.evaluate import (
     save_before_after_grid,
     save_eval_grid,
 )
-from ddpo_lite.families import family_of, set_flow_timesteps
+from ddpo_lite.families import family_of, sequence_length_problem, set_flow_timesteps
 from ddpo_lite.grid import make_grid
 from ddpo_lite.guard import Guard
 from ddpo_lite.models import load_pipeline
@@ -245,6 +245,8 @@ def check_family_settings(pipe, family, config: Config, resolution: int) -> None
             f"prompts.negative_prompt is set but the {family.name} model has no classifier-free "
             "guidance with a negative prompt; leave it empty"
         )
+    if problem := sequence_length_problem(pipe, config.model.max_sequence_length):
+        raise ConfigError(problem)
     check = getattr(family, "check_settings", None)  # a family's own limits (flux2's distilled)
     if check is not None and (problem := check(pipe, config)):
         raise ConfigError(problem)
@@ -263,6 +265,7 @@ def make_policy(pipe, config: Config, device, autocast, denoiser=None) -> Policy
         family=family,
         resolution=resolution,
         on_cpu=config.memory.encode_on_cpu,
+        max_sequence_length=config.model.max_sequence_length,
     )
     return Policy(
         family=family,
@@ -496,6 +499,9 @@ class TrainingLoop:
         self.metadata = lora_metadata(config, getattr(reward, "name", None))
         self.metadata["family"] = self.run.policy.family.name
         self.metadata["resolution"] = self.run.policy.resolution
+        tokens = self.run.policy.encoder.max_sequence_length  # -1: CLIP's 77 only (sd1, sdxl)
+        if tokens >= 0:  # a flow model's text tokens as trained: `sample` and `eval` use them
+            self.metadata["max_sequence_length"] = tokens
         self.result = TrainResult(
             output_dir=output_dir, lora_dir=output_dir / "lora", pipeline=self.run.pipe
         )

@@ -22,8 +22,8 @@ offline model that can get better at following prompts. What it does, top to bot
 No T5: the pipeline's T5 slot is empty and the model is trained with no T5 tokens at all
 (`max_sequence_length=0`; the pipeline's default appends 256 zero tokens, which cost 3.5x the
 step time on one CPU thread). ddpo-lite's sd3 family encodes this model that way
-(`pipe.t5_sequence_length`, set by `load_pipeline("shapes-flow")`); in plain diffusers call
-`pipe(prompt, max_sequence_length=0)`.
+(`model.max_sequence_length`, whose default -1 resolves to `pipe.t5_sequence_length = 0`, set by
+`load_pipeline("shapes-flow")`); in plain diffusers call `pipe(prompt, max_sequence_length=0)`.
 
 Run (the shipped weights; see ddpo_lite/models/shapes_flow_model/README.md for the measured time):
 

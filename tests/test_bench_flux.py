@@ -168,6 +168,24 @@ def test_flux_encoders_read_their_pipelines_token_counts():
     assert encode_peak(models2, 8) > encode_peak(models2, 1) > 0
 
 
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-flux2"])
+def test_fewer_text_tokens_lower_the_predicted_peak(model):
+    """model.max_sequence_length 64 in place of the pipelines' 512: a shorter joint sequence in
+    the denoising step and the backward, smaller stored conditioning, a shorter encoder
+    forward; the same meta models serve both (the tokens are the config's)."""
+    models = build_meta_models(_tiny(model))
+    full = estimate(_tiny(model), models)
+    short = estimate(_tiny(model, "model.max_sequence_length=64"), models)
+    assert short.peak_bytes < full.peak_bytes
+    for phase in ("prompt encoding", "sampling", "training"):
+        assert short.phases[phase].peak_bytes < full.phases[phase].peak_bytes, phase
+    assert encode_peak(models, 8, 64) < encode_peak(models, 8) == encode_peak(models, 8, 512)
+    from ddpo_lite.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_sequence_length = 0"):  # as the trainer refuses
+        build_meta_models(_tiny(model, "model.max_sequence_length=0"))
+
+
 def test_smaller_encode_batches_shrink_the_encoding_phase():
     """memory.encode_batch_size: the prompt list through the text encoder 1 prompt at a time
     holds less than 8 at a time; with encode_on_cpu only the arriving embeddings count."""

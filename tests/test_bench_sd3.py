@@ -217,6 +217,37 @@ def test_cfg_doubles_the_transformer_batch():
     assert step(cfg) >= step(free)
 
 
+def test_fewer_t5_tokens_lower_the_predicted_peak():
+    """model.max_sequence_length 32 in place of SD3's 256 (zeros without T5, the tiny model's
+    case): the joint sequence is 77 + 32 tokens, not 77 + 256."""
+    full, short = estimate(_tiny()), estimate(_tiny("model.max_sequence_length=32"))
+    assert short.peak_bytes < full.peak_bytes
+    for phase in ("sampling", "training"):
+        assert short.phases[phase].peak_bytes < full.phases[phase].peak_bytes, phase
+
+
+def test_t5_tokens_the_published_model_takes(pipe):
+    """With T5, 1 to 512 tokens (diffusers' pipeline refuses more when it samples; asked for 0,
+    T5's tokenizer truncates nothing); without T5, 0 is the CLIP tokens alone. shapes-flow's
+    estimate is its own model's, with no T5 tokens (its preset's setting and its default)."""
+    from ddpo_lite.bench.estimate import text_tokens
+    from ddpo_lite.families import sequence_length, sequence_length_problem
+
+    assert sequence_length(pipe) == 256
+    assert sequence_length_problem(pipe, 1) is None and sequence_length_problem(pipe, 512) is None
+    assert "memory.drop_t5 = true" in sequence_length_problem(pipe, 0)
+    assert "512" in sequence_length_problem(pipe, 513)
+    assert sequence_length_problem(build_sd3_pipeline(device="meta", t5=False), 0) is None
+    config = load_config("shapes-alignment-grpo")
+    assert config.model.max_sequence_length == 0
+    models = build_meta_models(config)
+    assert models.family.name == "sd3" and text_tokens(models, config) == 0
+    assert (
+        text_tokens(models, load_config("shapes-alignment-grpo", ["model.max_sequence_length=-1"]))
+        == 0
+    )
+
+
 def test_text_encoders_on_the_cpu_leave_only_the_embeddings():
     visiting = estimate(_tiny())
     on_cpu = estimate(_tiny("memory.encode_on_cpu=true"))

@@ -54,6 +54,7 @@ def test_override_parsing():
         ("reward.url='localhost:8123'", "reward.url"),
         ("reward.url='ftp://host:1'", "reward.url"),
         ("reward.url='http://'", "reward.url"),
+        ("model.max_sequence_length=-2", "model.max_sequence_length"),  # -1 is the default's
     ],
 )
 def test_invalid_values_name_the_field(override, field):
@@ -141,3 +142,14 @@ def test_shapes_alignment_preset_loads_with_its_files():
     assert read_prompt_file(config.eval.prompts["train"]) == train
     assert len(train) == len(heldout) == 24 and not set(train) & set(heldout)
     assert set(train) | set(heldout) <= set(all_captions())  # captions the model was trained on
+
+
+def test_text_tokens_are_refused_for_a_clip_only_family_before_the_model_loads():
+    """model.max_sequence_length sets the flow families' T5 / Qwen3 tokens: with model.family
+    'sd1' or 'sdxl' (CLIP's 77, fixed) it is refused at validation; -1 is the default."""
+    assert load_config("tiny").model.max_sequence_length == -1
+    for family in ("sd1", "sdxl"):
+        with pytest.raises(ConfigError, match=f"model.family = '{family}'.*CLIP's 77.*-1"):
+            load_config("tiny", [f"model.family='{family}'", "model.max_sequence_length=128"])
+    tokens = load_config("tiny", ["model.family='flux'", "model.max_sequence_length=128"])
+    assert tokens.model.max_sequence_length == 128

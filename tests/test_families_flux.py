@@ -121,7 +121,9 @@ def test_on_policy_ratio_is_one(tmp_path, family):
     assert (torch.exp(moved - old) - 1).abs().max() > max(1e-4, 100 * on_policy)
 
 
-def test_flux_grpo_trains_resumes_samples_and_its_lora_loads_in_diffusers(tmp_path):
+def test_flux_grpo_trains_resumes_samples_and_its_lora_loads_in_diffusers(tmp_path, monkeypatch):
+    """Trained on 8 T5 tokens (model.max_sequence_length): the LoRA records them, and `sample`
+    and `eval` encode the prompts with them."""
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
 
@@ -139,6 +141,7 @@ def test_flux_grpo_trains_resumes_samples_and_its_lora_loads_in_diffusers(tmp_pa
         "train.algorithm='grpo'",
         "sample.group_size=2",
         "log_with=[]",
+        "model.max_sequence_length=8",
     ]
     args = ["train", "--preset", "tiny", "--output", str(out), "--quiet"]
     assert main([*args, *(x for s in sets for x in ("--set", s))]) == 0
@@ -147,6 +150,7 @@ def test_flux_grpo_trains_resumes_samples_and_its_lora_loads_in_diffusers(tmp_pa
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     meta = read_lora_metadata(out / "lora")
     assert meta["family"] == "flux" and meta["base_model"] == "tiny-flux:0"
+    assert meta["max_sequence_length"] == "8"
 
     pipe = FluxPipeline.from_pretrained(tiny_flux_pipeline_dir())
     pipe.set_progress_bar_config(disable=True)
@@ -170,10 +174,32 @@ def test_flux_grpo_trains_resumes_samples_and_its_lora_loads_in_diffusers(tmp_pa
     assert len(loaded) == len(saved)
     assert (image() - before).abs().max() > 1e-4
 
+    lengths = []  # T5 tokens of every prompt encoding from here on, read off the embeddings
+    encode = FluxPipeline.encode_prompt
+
+    def spy(self, *args, **kwargs):
+        embeds, pooled, ids = encode(self, *args, **kwargs)
+        lengths.append(embeds.shape[1])
+        return embeds, pooled, ids
+
+    monkeypatch.setattr(FluxPipeline, "encode_prompt", spy)
     shots = tmp_path / "shots"
     assert main(["sample", "--lora", str(out / "lora"), "--prompt", "a cat", "--num", "1",
                  "--output", str(shots)]) == 0  # fmt: skip
     assert len(list(shots.glob("000_*.png"))) == 1
+    assert lengths and set(lengths) == {8}
+    lengths.clear()
+    from ddpo_lite.evaluate import evaluate_lora
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    evaluate_lora(
+        out / "lora",
+        prompt_files={"one": str(prompts)},
+        reward_name="jpeg_compressibility",
+        num_per_prompt=1,
+    )
+    assert lengths and set(lengths) == {8}
 
 
 def test_flux2_lora_loads_in_the_klein_pipeline(tmp_path):
@@ -245,3 +271,28 @@ def test_klein_encodes_without_the_lm_heads_logits():
     torch.testing.assert_close(cond["prompt_embeds"], theirs, rtol=0, atol=0)
     assert isinstance(pipe.text_encoder.lm_head, torch.nn.Linear)  # put back
     hook.remove()
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_flux_families_encode_the_configured_text_tokens(tmp_path, family):
+    """model.max_sequence_length sets the T5 (FLUX.1) / Qwen3 (klein) tokens, the negative
+    prompt's too; -1 is the pipelines' 512."""
+    for setting, tokens in ((-1, 512), (16, 16)):
+        _, run = _run(tmp_path, MODELS[family], f"model.max_sequence_length={setting}")
+        cond, negative = run.policy.encoder(["a cat", "a dog"])
+        assert cond["prompt_embeds"].shape[:2] == (2, tokens)
+        assert negative["prompt_embeds"].shape[:2] == (1, tokens)
+
+
+def test_text_tokens_a_flux_family_cannot_take_fail_at_setup(tmp_path):
+    """0 leaves FLUX.1 and klein no text token (FLUX.1's CLIP gives a pooled vector only; T5's
+    tokenizer asked for 0 truncates nothing, klein's reshape fails); T5 takes at most 512 (the
+    pipeline refuses more when it samples), klein's Qwen3 its position limit."""
+    for model in MODELS.values():
+        with pytest.raises(ConfigError, match=r"max_sequence_length = 0 is outside \[1, "):
+            _run(tmp_path, model, "model.max_sequence_length=0")
+    with pytest.raises(ConfigError, match=r"\[1, 512\].*FluxPipeline refuses more than 512"):
+        _run(tmp_path, "tiny-flux", "model.max_sequence_length=513")
+    most = load_pipeline("tiny-flux2").text_encoder.config.max_position_embeddings
+    with pytest.raises(ConfigError, match=f"\\[1, {most}\\].*Qwen3's {most} positions"):
+        _run(tmp_path, "tiny-flux2", f"model.max_sequence_length={most + 1}")

@@ -295,6 +295,34 @@ def test_sd3_bad_input_is_one_line_at_setup(tmp_path):
         build_components(config, make_accelerator(config))
 
 
+def test_sd3_encodes_the_configured_t5_tokens(tmp_path):
+    """model.max_sequence_length sets T5's tokens after the CLIPs' 77 (tiny-sd3 has no T5: the
+    pipeline's zeros in its place), the negative prompt's too; -1 is the pipeline's 256."""
+    for setting, t5 in ((-1, 256), (16, 16), (0, 0)):
+        _, run = _sd3_run(tmp_path, f"model.max_sequence_length={setting}")
+        assert run.policy.encoder.max_sequence_length == t5
+        cond, negative = run.policy.encoder(["a cat", "a dog"])
+        assert cond["prompt_embeds"].shape[:2] == (2, 77 + t5)
+        assert negative["prompt_embeds"].shape[:2] == (1, 77 + t5)
+
+
+def test_text_tokens_bad_input_is_one_line_at_setup(tmp_path, capsys):
+    """A length the family cannot take: on an SD 1.x model (CLIP only), from the command line
+    in one line; above T5's 512 on SD3 (StableDiffusion3Pipeline would refuse it only when
+    sampling)."""
+    from ddpo_lite.cli import main
+
+    args = ["train", "--preset", "tiny", "--output", str(tmp_path / "run"), "--quiet"]
+    sets = ["--set", "log_with=[]", "--set", "model.max_sequence_length=128"]
+    assert main([*args, *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_sequence_length = 128" in err and "sd1" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    with pytest.raises(ConfigError, match=r"outside \[0, 512\].*refuses more than 512"):
+        _sd3_run(tmp_path, "model.max_sequence_length=513")
+    _sd3_run(tmp_path, "model.max_sequence_length=512")  # and at the limit it runs
+
+
 def test_sd3_grpo_trains_resumes_and_its_lora_loads_in_diffusers(tmp_path):
     """Flow-GRPO on tiny-sd3 through the command line: train, resume, the LoRA loads in a plain
     StableDiffusion3Pipeline (every tensor, under `transformer.`) and changes its images;

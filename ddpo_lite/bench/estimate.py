@@ -36,7 +36,8 @@ Assumptions (stated in every estimate):
   casting runs on the meta model as it runs on a GPU.
 
 The flow-matching transformers (SD3) go through the same paths with the family's denoiser, the
-trainer's flow sampler (`make_sampler`) and the family's conditioning shapes; a trajectory
+trainer's flow sampler (`make_sampler`) and the family's conditioning shapes (their text tokens
+are `model.max_sequence_length`'s: fewer tokens, a shorter joint sequence); a trajectory
 holds only its SDE window's steps (and the final latent), and CFG-free sampling (guidance 1)
 calls the transformer on batch 1, not 2.
 """
@@ -58,7 +59,7 @@ from ddpo_lite.bench.counting import (
     checkpoint_with_autocast,
     module_bytes,
 )
-from ddpo_lite.config import ONE_STEP_ALGORITHMS, TRAJECTORY_FREE, Config
+from ddpo_lite.config import ONE_STEP_ALGORITHMS, TRAJECTORY_FREE, Config, ConfigError
 from ddpo_lite.models.memory import DTYPES
 
 GiB = 2**30
@@ -245,21 +246,24 @@ def is_flux(config: Config) -> bool:
 
 #: The tiny offline models: built for real, then moved to the meta device.
 TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2")
+#: The small pretrained models shipped in the package: loaded for real too.
+SHIPPED_MODELS = ("shapes", "shapes-flow")
 
 
 def build_meta_models(config: Config, resolution: int | None = None) -> MetaModels:
     """The config's pipeline and reward model on the meta device, levers applied, LoRA on.
     `resolution` (pixels) applies to the published-architecture models (default: the config's
-    `sample.resolution`, else 512 for SD 1.x and 1024 for SDXL and SD3.5); the tiny models have
-    their own (32)."""
-    from ddpo_lite.families import family_of
+    `sample.resolution`, else 512 for SD 1.x and 1024 for SDXL and SD3.5); the tiny and the
+    shipped shapes models have their own (32). `model.max_sequence_length` is checked against
+    the model's family as the trainer checks it (one line)."""
+    from ddpo_lite.families import family_of, sequence_length_problem
     from ddpo_lite.models.lora import attach_lora
     from ddpo_lite.models.memory import apply_memory_settings
 
     name = config.model.name
     memory = config.memory
     note = ""
-    if name.split(":")[0] in TINY_MODELS:
+    if name.split(":")[0] in TINY_MODELS or name in SHIPPED_MODELS:
         from ddpo_lite.models import load_pipeline
 
         pipe = load_pipeline(name, seed=config.model.seed)
@@ -308,6 +312,8 @@ def build_meta_models(config: Config, resolution: int | None = None) -> MetaMode
                 "(SD 1.x: 1.4 and 1.5 share it)"
             )
     family = family_of(pipe)
+    if problem := sequence_length_problem(pipe, config.model.max_sequence_length):
+        raise ConfigError(problem)
     text_encoders = family.text_encoders(pipe)
     denoiser = family.denoiser(pipe)
     # the levers, exactly as the trainer applies them; xformers is counted as SDPA's
@@ -492,12 +498,23 @@ def _autocast_dtype(config: Config) -> torch.dtype | None:
     return None if mixed == "no" else DTYPES[mixed]
 
 
-def _cond(models: MetaModels, batch: int):
-    """Empty conditioning of the family's shapes, in the text encoders' dtype. An SD3 model
-    without T5 pads its text tokens to the transformer's `joint_attention_dim` (the pipeline's
-    zeros in T5's place), which the family's `empty_cond` takes as T5-XXL's 4096: the estimate
-    reads the width from the transformer (the tiny SD3 model's is 64)."""
-    cond = models.family.empty_cond(models.text_encoders, batch, "meta", _embed_dtype(models))
+def text_tokens(models: MetaModels, config: Config) -> int:
+    """The text-encoder tokens of the run's prompts: `model.max_sequence_length` resolved on the
+    meta pipeline (-1 = the model's default: SD3 256, FLUX.1 and FLUX.2-klein 512; -1 for the
+    CLIP-only families)."""
+    from ddpo_lite.families import sequence_length
+
+    return sequence_length(models.pipe, config.model.max_sequence_length)
+
+
+def _cond(models: MetaModels, batch: int, tokens: int = -1):
+    """Empty conditioning of the family's shapes on `tokens` text-encoder tokens (`text_tokens`),
+    in the text encoders' dtype. An SD3 model without T5 pads its text tokens to the
+    transformer's `joint_attention_dim` (the pipeline's zeros in T5's place), which the family's
+    `empty_cond` takes as T5-XXL's 4096: the estimate reads the width from the transformer (the
+    tiny SD3 model's is 64)."""
+    dtype = _embed_dtype(models)
+    cond = models.family.empty_cond(models.text_encoders, batch, "meta", dtype, tokens)
     width = getattr(models.denoiser.config, "joint_attention_dim", None)
     embeds = cond.tensors["prompt_embeds"]
     if width is not None and embeds.shape[-1] != width:
@@ -505,8 +522,8 @@ def _cond(models: MetaModels, batch: int):
     return cond
 
 
-def _cond_row_bytes(models: MetaModels) -> list[int]:
-    return [t[0].numel() * t.element_size() for t in _cond(models, 1).tensors.values()]
+def _cond_row_bytes(models: MetaModels, tokens: int = -1) -> list[int]:
+    return [t[0].numel() * t.element_size() for t in _cond(models, 1, tokens).tensors.values()]
 
 
 def _embed_dtype(models: MetaModels) -> torch.dtype:
@@ -522,8 +539,9 @@ def sampling_step_peak(models: MetaModels, config: Config, batch: int) -> int:
     it, plus one dequantized layer where the base is bitsandbytes-quantized."""
     policy = _meta_policy(models, config)
     latents = torch.empty(batch, *_latent_shape(models), device="meta")
-    cond = _cond(models, batch)
-    negative = _cond(models, 1) if policy.guided else None
+    tokens = text_tokens(models, config)
+    cond = _cond(models, batch, tokens)
+    negative = _cond(models, 1, tokens) if policy.guided else None
     t = policy.sampler.timesteps[0]
 
     @torch.no_grad()
@@ -552,28 +570,33 @@ def decode_peak(models: MetaModels, batch: int) -> int:
     return _counted(decode)
 
 
-#: (tokens, all hidden states kept) per text encoder, for the families whose pipelines do not
-#: read what the SD / SDXL / SD3 default below reads: FLUX.1 CLIP-L's pooled output on 77
-#: tokens and T5 on 512; FLUX.2-klein Qwen3 on 512 with every hidden state (layers 9, 18, 27
-#: are stacked), its LM head stood down as the family encodes (`without_lm_head`: no logits).
-ENCODE_READS = {"flux": ((77, False), (512, False)), "flux2": ((512, True),)}
+def encode_reads(models: MetaModels, tokens: int) -> list[tuple[int, bool]]:
+    """(tokens, all hidden states kept) per text encoder, as the family's pipeline reads them:
+    a CLIP its 77 (max_position_embeddings) with every hidden state (the penultimate is read),
+    T5 `tokens` (model.max_sequence_length resolved: SD3's default 256, FLUX.1's 512) for its
+    last; FLUX.1's CLIP-L only its pooled output; FLUX.2-klein's Qwen3 `tokens` (512 by
+    default) with every hidden state (layers 9, 18, 27 are stacked), its LM head stood down as
+    the family encodes (`without_lm_head`: no logits)."""
+    name = getattr(models.family, "name", "")
+    if name == "flux":
+        return [(77, False), (tokens, False)]
+    if name == "flux2":
+        return [(tokens, True)]
+    return [
+        (e.config.max_position_embeddings, True)
+        if hasattr(e.config, "max_position_embeddings")
+        else (tokens, False)
+        for e in models.text_encoders
+    ]
 
 
-def encode_peak(models: MetaModels, batch: int) -> int:
+def encode_peak(models: MetaModels, batch: int, tokens: int = -1) -> int:
     """The text encoders on `batch` prompts, one after the other, each one's output kept (the
-    prompt encoder's preload batches, memory.encode_batch_size). CLIPs read 77 tokens, T5 the pipeline's 256
-    (SD3); FLUX's and FLUX.2's as `ENCODE_READS` says."""
-    from ddpo_lite.bench.sd3 import T5_MAX_SEQUENCE_LENGTH
+    prompt encoder's preload batches, memory.encode_batch_size), each on the tokens
+    `encode_reads` gives; `tokens` -1: the model's default (`text_tokens`)."""
+    from ddpo_lite.families import sequence_length
 
-    reads = ENCODE_READS.get(getattr(models.family, "name", ""))
-    if reads is None:
-        reads = [
-            (
-                getattr(e.config, "max_position_embeddings", T5_MAX_SEQUENCE_LENGTH),
-                hasattr(e.config, "max_position_embeddings"),
-            )
-            for e in models.text_encoders
-        ]
+    reads = encode_reads(models, sequence_length(models.pipe, tokens))
 
     from ddpo_lite.families.flux2 import without_lm_head
 
@@ -686,8 +709,8 @@ def training_chunk_peak(models: MetaModels, config: Config, samples: int, chunk:
         chain=torch.empty(samples, n + 1, *latent, device="meta"),
         timesteps=policy.sampler.timesteps[:n].repeat(samples, 1).to(index_device),
         log_probs=torch.empty(samples, n, device="meta"),
-        cond=_cond(models, samples),
-        negative=_cond(models, 1) if policy.guided else None,
+        cond=_cond(models, samples, text_tokens(models, config)),
+        negative=_cond(models, 1, text_tokens(models, config)) if policy.guided else None,
         prompt_ids=torch.zeros(samples, dtype=torch.long, device="meta"),
         final=torch.empty(samples, *latent, device="meta") if keeps_final(config) else None,
     )
@@ -758,23 +781,30 @@ class Transients:
             cache[key] = fn()
         return cache[key]
 
+    @property
+    def tokens(self) -> int:
+        """The run's text-encoder tokens (part of each key: they set the conditioning's shape)."""
+        return text_tokens(self.models, self.config)
+
     def sampling(self, batch: int) -> int:
         return self.get(
-            ("sample", batch), lambda: sampling_step_peak(self.models, self.config, batch)
+            ("sample", batch, self.tokens),
+            lambda: sampling_step_peak(self.models, self.config, batch),
         )
 
     def decode(self, batch: int) -> int:
         return self.get(("decode", batch), lambda: decode_peak(self.models, batch))
 
     def encode(self, batch: int) -> int:
-        return self.get(("encode", batch), lambda: encode_peak(self.models, batch))
+        tokens = self.tokens
+        return self.get(("encode", batch, tokens), lambda: encode_peak(self.models, batch, tokens))
 
     def reward(self, batch: int) -> int:
         return self.get(("reward", batch), lambda: reward_peak(self.models, batch))
 
     def training(self, samples: int, chunk: int) -> int:
         return self.get(
-            ("train", samples, chunk),
+            ("train", samples, chunk, self.tokens),
             lambda: training_chunk_peak(self.models, self.config, samples, chunk),
         )
 
@@ -800,7 +830,7 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
         resident["reward_weights"] = reward
     base = sum(resident.values())
 
-    cond_rows = _cond_row_bytes(models)
+    cond_rows = _cond_row_bytes(models, text_tokens(models, config))
     latent = _latent_shape(models)
     # NFT / AWM keep no chain: the final latents alone (a chain of 0 steps); an SDE window
     # keeps its steps and the final latent

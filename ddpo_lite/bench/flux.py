@@ -73,8 +73,8 @@ FLUX1_VAE = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 FLUX1_CLIP_L = {k: v for k, v in SDXL_TEXT_ENCODER.items() if k != "projection_dim"}
 #: text_encoder_2: T5-XXL's encoder, as SD3's
 FLUX1_T5_XXL = dict(SD3_T5_XXL)
-#: The T5 tokens FluxPipeline encodes for dev (max_sequence_length, its default 512).
-FLUX_T5_MAX_SEQUENCE_LENGTH = 512
+# The T5 tokens the estimate reads are the run's model.max_sequence_length (-1: FluxPipeline's
+# default 512, families/flux.py `default_sequence_length`).
 
 #: FLUX.1's scheduler: dynamic shifting, mu from the image's token count.
 FLUX_SCHEDULER = {
@@ -119,8 +119,7 @@ QWEN3_4B = {
     "rope_theta": 1000000.0,
     "tie_word_embeddings": True,
 }
-#: Qwen3 tokens Flux2KleinPipeline.encode_prompt reads (max_sequence_length, default 512).
-FLUX2_MAX_SEQUENCE_LENGTH = 512
+# Qwen3's tokens: the run's model.max_sequence_length (-1: Flux2KleinPipeline's default 512).
 
 #: The model names the estimate accepts for the random-weight FLUX models.
 FLUX_DEV_RANDOM = "flux-dev-random"

@@ -99,8 +99,8 @@ SD3_T5_XXL = {  # text_encoder_3: google/t5-v1_1-xxl's encoder
     "tie_word_embeddings": False,
     "vocab_size": 32128,
 }
-#: The T5 tokens StableDiffusion3Pipeline encodes (max_sequence_length, its default 256).
-T5_MAX_SEQUENCE_LENGTH = 256
+# The T5 tokens the estimate reads are the run's model.max_sequence_length (-1: the pipeline's
+# default 256, families/sd3.py `default_sequence_length`).
 
 SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 

@@ -10,6 +10,10 @@ and flow-matching transformers (sd3, flux, flux2: `sampler = "flow"`, samplers/f
 
 `family_for_class("StableDiffusionXLPipeline")` picks one from `model_index.json`'s
 `_class_name`; `get_family("sdxl")` by name (`model.family`).
+
+The flow families' text encoders (T5, Qwen3) read a configurable number of tokens
+(`model.max_sequence_length`, -1 = the model's default: `sequence_length`); the UNet families'
+CLIPs read their 77, fixed.
 """
 
 from __future__ import annotations
@@ -98,8 +102,17 @@ class Family(Protocol):
     def native_resolution(self, pipe) -> int: ...
 
     def encode(
-        self, pipe, prompts: list[str], device: torch.device, negative_prompt: str, resolution: int
-    ) -> tuple[Cond, Cond]: ...
+        self,
+        pipe,
+        prompts: list[str],
+        device: torch.device,
+        negative_prompt: str,
+        resolution: int,
+        max_sequence_length: int = -1,
+    ) -> tuple[Cond, Cond]:
+        """`max_sequence_length`: the flow families' T5 / Qwen3 tokens (-1: the model's
+        default, `sequence_length`); the CLIP-only families (sd1, sdxl) read 77 whatever it is."""
+        ...
 
     def predict(
         self,
@@ -113,7 +126,43 @@ class Family(Protocol):
 
     def decode(self, pipe, latents: torch.Tensor) -> list[Image.Image]: ...
 
-    def empty_cond(self, text_encoders, batch: int, device="meta", dtype=None) -> Cond: ...
+    def empty_cond(
+        self, text_encoders, batch: int, device="meta", dtype=None, max_sequence_length: int = -1
+    ) -> Cond: ...
+
+
+def sequence_length(pipe, configured: int = -1) -> int:
+    """The text-encoder tokens `pipe`'s prompts are encoded with (`model.max_sequence_length`):
+    `configured` where >= 0, else the model's default: the pipeline's `t5_sequence_length` where
+    the loader set one (shapes-flow: 0, it was trained with no T5 tokens), else the family's own
+    (its pipeline's `encode_prompt` default). -1 for the CLIP-only families (sd1, sdxl)."""
+    default = getattr(family_of(pipe), "default_sequence_length", None)
+    if default is None:
+        return -1
+    if configured >= 0:
+        return configured
+    return getattr(pipe, "t5_sequence_length", default)
+
+
+def sequence_length_problem(pipe, configured: int) -> str | None:
+    """What `model.max_sequence_length = configured` cannot do on `pipe` (one line), or None."""
+    if configured == -1:
+        return None
+    family = family_of(pipe)
+    setting = f"model.max_sequence_length = {configured}"
+    if not hasattr(family, "default_sequence_length"):
+        return (
+            f"{setting} but the {family.name} model reads its prompts as CLIP's 77 tokens, fixed; "
+            "it sets the T5 / Qwen3 tokens of the flow families (sd3, flux, flux2): set it to -1"
+        )
+    low, high, why = family.sequence_length_range(pipe)
+    if low <= configured <= high:
+        return None
+    return (
+        f"{setting} is outside [{low}, {high}], the {family.text_tokens} tokens the "
+        f"{family.name} model takes ({why}); use a value in it, or -1 for the model's default "
+        f"({sequence_length(pipe)})"
+    )
 
 
 def latent_shape(pipe, batch: int, resolution: int) -> tuple[int, ...]:

@@ -2,7 +2,8 @@
 and T5-XXL's sequence, FLUX.1-dev's guidance embedding in place of classifier-free guidance.
 
 As `FluxPipeline.__call__` builds them (diffusers 0.42):
-- prompt_embeds (B, 512, 4096): T5's last hidden state (`max_sequence_length` 512);
+- prompt_embeds (B, L, 4096): T5's last hidden state on L = `model.max_sequence_length` tokens
+  (the pipeline's default 512; `sequence_length`);
   pooled (B, 768): CLIP-L's pooled output, the transformer's `pooled_projections`;
 - latents are packed: the VAE's (B, C, h, w) as 2x2 patches, (B, h/2 * w/2, 4C); the trajectory
   keeps them packed (the sampler's math is elementwise), `decode` unpacks them;
@@ -25,7 +26,7 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from ddpo_lite.families import Cond, decode_flow_vae, guided
+from ddpo_lite.families import Cond, decode_flow_vae, guided, sequence_length
 
 
 def image_ids(tokens: int, device=None) -> torch.Tensor:
@@ -63,6 +64,18 @@ class _Flux:
     denoiser_name = "transformer"
     sampler = "flow"
     has_negative_prompt = False
+    default_sequence_length = 512  # FluxPipeline.encode_prompt's max_sequence_length
+    text_tokens = "T5"
+
+    def sequence_length_range(self, pipe) -> tuple[int, int, str]:
+        """(fewest, most) T5 tokens, and why: the pipeline refuses more than 512 when it samples;
+        T5's tokens are FLUX.1's only text sequence (CLIP gives a pooled vector), and asked for
+        0 its tokenizer truncates nothing (rows of different lengths)."""
+        why = (
+            "FluxPipeline refuses more than 512; with 0 no text token would be left: FLUX.1's "
+            "CLIP gives only a pooled vector"
+        )
+        return 1, 512, why
 
     def denoiser(self, pipe) -> torch.nn.Module:
         return pipe.transformer
@@ -101,13 +114,23 @@ class _Flux:
         return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": mu}
 
     def encode(
-        self, pipe, prompts: list[str], device: torch.device, negative_prompt: str, resolution: int
+        self,
+        pipe,
+        prompts: list[str],
+        device: torch.device,
+        negative_prompt: str,
+        resolution: int,
+        max_sequence_length: int = -1,
     ) -> tuple[Cond, Cond]:
-        """The pipeline's own `encode_prompt` (CLIP pooled + T5). The negative prompt is encoded
-        the same way for the protocol's sake; FLUX.1 samples without it."""
+        """The pipeline's own `encode_prompt` (CLIP pooled + T5 on `max_sequence_length` tokens,
+        -1: the model's default 512). The negative prompt is encoded the same way for the
+        protocol's sake; FLUX.1 samples without it."""
+        length = sequence_length(pipe, max_sequence_length)
 
         def one(texts: list[str]) -> Cond:
-            embeds, pooled, _ = pipe.encode_prompt(texts, None, device=device)
+            embeds, pooled, _ = pipe.encode_prompt(
+                texts, None, device=device, max_sequence_length=length
+            )
             return Cond({"prompt_embeds": embeds, "pooled": pooled})
 
         return one(prompts), one([negative_prompt])
@@ -155,12 +178,16 @@ class _Flux:
     def decode(self, pipe, latents: torch.Tensor) -> list[Image.Image]:
         return decode_flow_vae(pipe, self.unpack(pipe, latents))
 
-    def empty_cond(self, text_encoders, batch: int, device="meta", dtype=None) -> Cond:
-        """A `Cond` of the shapes `encode` gives (for the meta-device memory estimate)."""
+    def empty_cond(
+        self, text_encoders, batch: int, device="meta", dtype=None, max_sequence_length: int = -1
+    ) -> Cond:
+        """A `Cond` of the shapes `encode` gives (for the meta-device memory estimate), with
+        `max_sequence_length` T5 tokens (-1: 512)."""
         clip, t5 = (encoder.config for encoder in text_encoders[:2])
+        length = self.default_sequence_length if max_sequence_length < 0 else max_sequence_length
         return Cond(
             {
-                "prompt_embeds": torch.empty(batch, 512, t5.d_model, device=device, dtype=dtype),
+                "prompt_embeds": torch.empty(batch, length, t5.d_model, device=device, dtype=dtype),
                 "pooled": torch.empty(batch, clip.hidden_size, device=device, dtype=dtype),
             }
         )

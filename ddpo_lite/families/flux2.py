@@ -3,8 +3,10 @@ Qwen3 language model's hidden states, with true classifier-free guidance (undist
 checkpoints) or none (the step-distilled ones).
 
 As `Flux2KleinPipeline.__call__` builds them (diffusers 0.42.1):
-- prompt_embeds (B, 512, 3 * hidden): the chat-templated prompt through Qwen3, hidden states
-  of layers 9, 18 and 27 stacked per token (`encode_prompt`); the negative is the same of ""
+- prompt_embeds (B, L, 3 * hidden): the chat-templated prompt through Qwen3 on L =
+  `model.max_sequence_length` tokens (the pipeline's default 512; the chat template's own take
+  about a dozen of them), hidden states of layers 9, 18 and 27 stacked per token
+  (`encode_prompt`); the negative is the same of ""
   (the pipeline's only negative; `prompts.negative_prompt` replaces it here, as the pipeline's
   `negative_prompt_embeds` would);
 - latents: the VAE's (B, C, h, w) patchified 2x2 into (B, 4C, h/2, w/2), normalised by the VAE's
@@ -18,7 +20,7 @@ As `Flux2KleinPipeline.__call__` builds them (diffusers 0.42.1):
 - decoding: unpack, x * sqrt(bn.running_var + eps) + bn.running_mean, unpatchify, VAE.
 
 `Qwen3ForCausalLM` as the pipeline calls it also computes its LM head's logits for every token
-(B x 512 x 151,936 floats: ~20 GiB for the prompt encoder's batches of 64) and the pipeline reads
+(B x L x 151,936 floats: ~20 GiB for the prompt encoder's batches of 64) and the pipeline reads
 only hidden states, so `encode` runs with the head stood down (`without_lm_head`).
 """
 
@@ -33,7 +35,7 @@ import torch
 from diffusers import Flux2KleinPipeline
 from PIL import Image
 
-from ddpo_lite.families import Cond, guided
+from ddpo_lite.families import Cond, guided, sequence_length
 
 
 class _NoLogits(torch.nn.Module):
@@ -71,6 +73,14 @@ class _Flux2:
     denoiser_name = "transformer"
     sampler = "flow"
     has_negative_prompt = True
+    default_sequence_length = 512  # Flux2KleinPipeline.encode_prompt's max_sequence_length
+    text_tokens = "Qwen3"
+
+    def sequence_length_range(self, pipe) -> tuple[int, int, str]:
+        """(fewest, most) Qwen3 tokens, and why: its position limit; with 0 no text token is
+        left (the pipeline's reshape fails)."""
+        most = pipe.text_encoder.config.max_position_embeddings
+        return 1, most, f"Qwen3's {most} positions; with 0 no text token would be left"
 
     def denoiser(self, pipe) -> torch.nn.Module:
         return pipe.transformer
@@ -112,13 +122,23 @@ class _Flux2:
         return None
 
     def encode(
-        self, pipe, prompts: list[str], device: torch.device, negative_prompt: str, resolution: int
+        self,
+        pipe,
+        prompts: list[str],
+        device: torch.device,
+        negative_prompt: str,
+        resolution: int,
+        max_sequence_length: int = -1,
     ) -> tuple[Cond, Cond]:
-        """The pipeline's own `encode_prompt` for the prompts and for the negative prompt (the
-        LM head stood down: its logits are never read)."""
+        """The pipeline's own `encode_prompt` for the prompts and for the negative prompt, on
+        `max_sequence_length` tokens (-1: the model's default 512), the LM head stood down (its
+        logits are never read)."""
+        length = sequence_length(pipe, max_sequence_length)
         with without_lm_head(pipe.text_encoder):
-            embeds, _ = pipe.encode_prompt(prompts, device=device)
-            negative, _ = pipe.encode_prompt([negative_prompt], device=device)
+            embeds, _ = pipe.encode_prompt(prompts, device=device, max_sequence_length=length)
+            negative, _ = pipe.encode_prompt(
+                [negative_prompt], device=device, max_sequence_length=length
+            )
         return Cond({"prompt_embeds": embeds}), Cond({"prompt_embeds": negative})
 
     def predict(
@@ -172,10 +192,15 @@ class _Flux2:
         image = vae.decode(self.unpack(pipe, latents).to(vae.dtype), return_dict=False)[0]
         return pipe.image_processor.postprocess(image.float(), output_type="pil")
 
-    def empty_cond(self, text_encoders, batch: int, device="meta", dtype=None) -> Cond:
-        """A `Cond` of the shapes `encode` gives (for the meta-device memory estimate)."""
+    def empty_cond(
+        self, text_encoders, batch: int, device="meta", dtype=None, max_sequence_length: int = -1
+    ) -> Cond:
+        """A `Cond` of the shapes `encode` gives (for the meta-device memory estimate), with
+        `max_sequence_length` tokens (-1: 512)."""
         width = 3 * text_encoders[0].config.hidden_size
-        return Cond({"prompt_embeds": torch.empty(batch, 512, width, device=device, dtype=dtype)})
+        length = self.default_sequence_length if max_sequence_length < 0 else max_sequence_length
+        embeds = torch.empty(batch, length, width, device=device, dtype=dtype)
+        return Cond({"prompt_embeds": embeds})
 
 
 FLUX2 = _Flux2()

@@ -68,7 +68,13 @@ class _SD1:
         return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def encode(
-        self, pipe, prompts: list[str], device: torch.device, negative_prompt: str, resolution: int
+        self,
+        pipe,
+        prompts: list[str],
+        device: torch.device,
+        negative_prompt: str,
+        resolution: int,
+        max_sequence_length: int = -1,  # CLIP's 77 tokens, fixed (model.max_sequence_length -1)
     ) -> tuple[Cond, Cond]:
         """The pipeline's own `encode_prompt`: (B, 77, D) embeddings and the negative's (1, ...)."""
         embeds, negative = pipe.encode_prompt(
@@ -97,7 +103,9 @@ class _SD1:
     def decode(self, pipe, latents: torch.Tensor) -> list[Image.Image]:
         return decode_with_vae(pipe, latents)
 
-    def empty_cond(self, text_encoders, batch: int, device="meta", dtype=None) -> Cond:
+    def empty_cond(
+        self, text_encoders, batch: int, device="meta", dtype=None, max_sequence_length: int = -1
+    ) -> Cond:
         """A `Cond` of the shapes `encode` gives (for the meta-device memory estimate)."""
         config = text_encoders[0].config
         shape = (batch, config.max_position_embeddings, config.hidden_size)

@@ -53,7 +53,13 @@ class _SDXL:
         return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def encode(
-        self, pipe, prompts: list[str], device: torch.device, negative_prompt: str, resolution: int
+        self,
+        pipe,
+        prompts: list[str],
+        device: torch.device,
+        negative_prompt: str,
+        resolution: int,
+        max_sequence_length: int = -1,  # CLIP's 77 tokens, fixed (model.max_sequence_length -1)
     ) -> tuple[Cond, Cond]:
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompts,
@@ -115,7 +121,9 @@ class _SDXL:
     def decode(self, pipe, latents: torch.Tensor) -> list[Image.Image]:
         return decode_with_vae(pipe, latents)
 
-    def empty_cond(self, text_encoders, batch: int, device="meta", dtype=None) -> Cond:
+    def empty_cond(
+        self, text_encoders, batch: int, device="meta", dtype=None, max_sequence_length: int = -1
+    ) -> Cond:
         """A `Cond` of the shapes `encode` gives (for the meta-device memory estimate)."""
         first, second = (encoder.config for encoder in text_encoders)
         length = first.max_position_embeddings

@@ -81,8 +81,9 @@ def load_pipeline(
       32x32 coloured shapes, captions like "a red circle on a blue background").
     - ``"shapes-flow"``: the same world in the SD3 architecture (``SHAPES_FLOW_MODEL_DIR``), a
       flow-matching MMDiT without T5, trained with no T5 tokens: the pipeline gets
-      ``t5_sequence_length = 0``, which the sd3 family passes to ``encode_prompt`` as
-      ``max_sequence_length`` (in plain diffusers: ``pipe(prompt, max_sequence_length=0)``).
+      ``t5_sequence_length = 0``, the model's default that ``model.max_sequence_length = -1``
+      resolves to (`families.sequence_length`) and the sd3 family passes to ``encode_prompt``
+      as ``max_sequence_length`` (in plain diffusers: ``pipe(prompt, max_sequence_length=0)``).
     - a local folder in diffusers layout (``model_index.json`` and the component subfolders).
     - a Hub id ``"owner/name"``: the local Hugging Face cache first, then the Hub.
 
