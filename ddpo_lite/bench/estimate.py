@@ -177,8 +177,17 @@ class MetaModels:
         return self.denoiser
 
 
-#: Rewards that run no model on the accelerator.
-CPU_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "ocr")  # ocr: RapidOCR's ONNX, CPU
+#: Rewards that hold no model on the accelerator (ocr: RapidOCR's ONNX on the CPU; the shapes
+#: world's: pixel arithmetic).
+CPU_REWARDS = (
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "ocr",
+    "shapes_colour",
+    "shapes_shape",
+    "shapes_alignment",
+    "shapes_red_share",
+)
 #: Rewards whose model is a CLIP ViT-H/14 (the others are counted as a ViT-L/14).
 VIT_H_REWARDS = ("pickscore", "hps")
 #: Rewards that hold a CLIP text tower beside the vision one.
