@@ -58,6 +58,8 @@ def test_every_family_measured_beside_its_estimate_and_pipeline(suite):
         for key in ("rollout", "rollout_no_record", "pipeline"):
             assert versus[f"{key}_images_per_second"] > 0
         assert measured["seconds_per_epoch"] > 0 and measured["samples_per_second"] > 0
+        # the text tokens the run encoded with: -1 (CLIP only) for the UNet families
+        assert (measured["text_tokens"] == -1) == (r["family"] in ("sd1", "sdxl"))
         # every one of these presets has a PPO ratio; on-policy it is 1 within float error
         assert 0 <= measured["on_policy_ratio_dev"] < 1e-4, (name, measured["on_policy_ratio_dev"])
     assert any("needs CUDA" in n for n in by_name["flux-pickscore"]["notes"])  # nf4 on a CPU

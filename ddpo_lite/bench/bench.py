@@ -548,6 +548,7 @@ def measure(
         # what sampling and training compute differently under this preset's levers
         "on_policy_ratio_dev": max(deviations) if deviations else None,
         "memory": dict(vars(config.memory)),
+        "text_tokens": run.policy.encoder.max_sequence_length,  # the flow families' T5 / Qwen3
         "optimizer": run.optimizer_name,
         "notes": list(run.notes),
         "train_shape": {
