@@ -181,6 +181,10 @@ class MemoryConfig:
     """Run on the CPU even where an accelerator is present."""
     offload_reward: bool = False
     """Move the reward model off the accelerator between calls."""
+    offload_trajectory: bool = False
+    """Keep the epoch's sampled chains (x_T .. x_0 of every sample, the epoch's largest tensor:
+    0.8 GB for 256 SD 1.5 samples of 50 steps at 512 px) in pinned CPU memory; the update brings
+    one micro-batch's at a time to the accelerator (a copy per micro-batch: lossless)."""
     quantize_base: str = "none"
     """Store the frozen denoiser (the LoRA's base) quantized, LoRA in float32 on top (QLoRA):
     'nf4' (bitsandbytes 4-bit NormalFloat, ~0.52 byte/weight) or 'int8' (LLM.int8, 1 byte),

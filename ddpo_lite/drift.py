@@ -38,7 +38,7 @@ def trajectory_kl(policy: Policy, trajectory: Trajectory, max_samples: int = 4) 
     """KL(policy || base) summed over the denoising steps of the first `max_samples` sampled
     trajectories, shape (n,); each step's KL is averaged over latent elements."""
     n = min(max_samples, len(trajectory))
-    part = trajectory.index(torch.arange(n, device=trajectory.latents.device))
+    part = trajectory.index(torch.arange(n, device=trajectory.device)).on_device()
     total = torch.zeros(n, device=part.latents.device)
     for step in range(part.latents.shape[1]):
         x_t, t = part.latents[:, step], part.timesteps[:, step]

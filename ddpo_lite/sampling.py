@@ -12,6 +12,7 @@ are importable from here as before.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,8 @@ class Trajectory:
                     SDE window, CPS's deterministic last step), else None
 
     Storing the chain once, not x_t and x_{t-1} separately, halves the epoch's largest tensor.
+    The chain may be held on the CPU (memory.offload_trajectory) while the rest stays on the
+    accelerator (`device`); `index` keeps it where it is, `on_device` brings it over.
     """
 
     chain: torch.Tensor
@@ -83,10 +86,22 @@ class Trajectory:
     def __len__(self) -> int:
         return self.chain.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the trajectory is used (its log-probs live there; the chain may be offloaded)."""
+        return self.log_probs.device
+
+    def on_device(self) -> Trajectory:
+        """The same samples with the chain on `device` (itself where it is there already)."""
+        if self.chain.device == self.device:
+            return self
+        return dataclasses.replace(self, chain=self.chain.to(self.device, non_blocking=True))
+
     def index(self, rows: torch.Tensor) -> Trajectory:
-        """The samples at `rows` (a 1-D index tensor)."""
+        """The samples at `rows` (a 1-D index tensor); the chain stays where it is held."""
+        chain_rows, rows = rows.to(self.chain.device), rows.to(self.device)
         return Trajectory(
-            chain=self.chain[rows],
+            chain=self.chain[chain_rows],
             timesteps=self.timesteps[rows],
             log_probs=self.log_probs[rows],
             cond=self.cond.index(rows),
@@ -112,7 +127,7 @@ class Trajectory:
     def is_finite(self) -> torch.Tensor:
         """(B,) bool: the sample's latents, log-probs and conditioning are all finite."""
         return (
-            torch.isfinite(self.chain).flatten(1).all(1)
+            torch.isfinite(self.chain).flatten(1).all(1).to(self.device)
             & torch.isfinite(self.log_probs).all(1)
             & self.cond.all_finite()
         )
@@ -121,7 +136,7 @@ class Trajectory:
         """Zeros in place of the samples where `valid` is False (they stay finite)."""
         keep = valid.view(-1, *([1] * (self.chain.ndim - 1)))
         return Trajectory(
-            chain=torch.where(keep, self.chain, 0.0),
+            chain=torch.where(keep.to(self.chain.device), self.chain, 0.0),
             timesteps=self.timesteps,
             log_probs=torch.where(valid[:, None], self.log_probs, 0.0),
             cond=self.cond,

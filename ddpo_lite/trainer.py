@@ -854,7 +854,7 @@ def sample_epoch(
             pending.append(reward(batch_images, batch_texts, metadata))
         if chain is None:
             shape = (num_batches * batch_size, *trajectory.chain.shape[1:])
-            chain = trajectory.chain.new_empty(shape)
+            chain = _chain_buffer(trajectory.chain, shape, config.memory.offload_trajectory)
         chain[b * batch_size : (b + 1) * batch_size] = trajectory.chain
         trajectory.chain = trajectory.chain[:0]  # release this batch's copy
         images += batch_images
@@ -866,6 +866,14 @@ def sample_epoch(
     wait = time.perf_counter() - waited_from
     rewards = np.concatenate([values for values, _ in scores])
     return EpochSamples(images, texts, Trajectory.cat(parts, chain), rewards, wait)
+
+
+def _chain_buffer(like: torch.Tensor, shape: tuple, offload: bool) -> torch.Tensor:
+    """The epoch's chain buffer: beside `like`, or in pinned CPU memory (offload_trajectory;
+    PyTorch's pinned-memory cache makes the epochs after the first reuse it)."""
+    if not offload or like.device.type == "cpu":
+        return like.new_empty(shape)
+    return torch.empty(shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())
 
 
 def measures_kl(config: Config, epoch: int) -> bool:

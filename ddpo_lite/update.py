@@ -200,27 +200,34 @@ def accumulate_step(
     """
     total = sum(int(valid.sum()) * cols.shape[1] for _, cols, _, valid in batches)
     total = max(total, 1)
+    # (samples, micro-batch rows or None = all, cols, weights, valid) per forward+backward; a
+    # micro-batch is gathered (and its chain brought to the device) when its turn comes, so
+    # one micro-batch's copy exists at a time
     chunks = []
     for samples, cols, weights, valid in batches:
         n, k = cols.shape
         rows = micro_batch if 0 < micro_batch < n else n
         size = timestep_chunk if 0 < timestep_chunk < k else k
         for first in range(0, n, rows):
-            part = slice(first, first + rows)
-            micro = (
-                samples if rows == n else samples.index(torch.arange(n, device=cols.device)[part])
-            )
+            part = None if rows == n else slice(first, first + rows)
+            every = slice(None) if part is None else part
             for start in range(0, k, size):
-                chunks.append((micro, cols[part, start : start + size], weights[part], valid[part]))
+                chunk = cols[every, start : start + size]
+                chunks.append((samples, part, chunk, weights[every], valid[every]))
     # the statistics stay on the device until the step's end: one read, not one per backward
     sums: dict[str, torch.Tensor] = {}
-    for i, (samples, cols, weights, valid) in enumerate(chunks):
+    held_key, held = None, None
+    for i, (samples, part, cols, weights, valid) in enumerate(chunks):
+        key = (id(samples), None if part is None else part.start)
+        if key != held_key:
+            held = None  # the previous micro-batch goes before the next one is gathered
+            if part is not None:
+                samples = samples.index(torch.arange(len(samples), device=cols.device)[part])
+            held_key, held = key, samples.on_device()
         last = i == len(chunks) - 1
         context = torch.enable_grad() if last else accelerator.no_sync(model)
         with context:
-            loss, stats = chunk_loss(
-                policy, model, samples, cols, weights, valid, settings, generator
-            )
+            loss, stats = chunk_loss(policy, model, held, cols, weights, valid, settings, generator)
             accelerator.backward(loss / total)
         for name, value in {"loss": loss, **stats}.items():
             value = torch.as_tensor(value).detach().float()
@@ -273,7 +280,7 @@ def update(
         train.awm_weighting,
         train.awm_power,
     )
-    device = trajectory.latents.device
+    device = trajectory.device
     num_samples, num_steps = trajectory.timesteps.shape
     history: list[dict[str, float]] = []
     model.train()

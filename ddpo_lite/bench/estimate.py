@@ -409,15 +409,21 @@ def _rounded(nbytes: int) -> int:
 
 
 def trajectory_bytes(
-    num_samples: int, num_steps: int, latent_shape, cond_row_bytes: list[int], final: bool = False
+    num_samples: int,
+    num_steps: int,
+    latent_shape,
+    cond_row_bytes: list[int],
+    final: bool = False,
+    chain: bool = True,
 ):
     """Bytes a `Trajectory` of `num_samples` holds (latents and actions stay float32);
     `cond_row_bytes`: one sample's bytes of each conditioning tensor (prompt_embeds, ...);
-    `final`: it keeps the final latent beside the chain (an SDE window)."""
+    `final`: it keeps the final latent beside the chain (an SDE window); `chain` False: its
+    chain is held elsewhere (memory.offload_trajectory: in CPU memory)."""
     elements = math.prod(latent_shape)
     return (
         (_rounded(num_samples * elements * 4) if final else 0)
-        + _rounded(num_samples * (num_steps + 1) * elements * 4)  # the chain x_T .. x_0
+        + (_rounded(num_samples * (num_steps + 1) * elements * 4) if chain else 0)  # x_T .. x_0
         + _rounded(num_samples * num_steps * 8)  # timesteps (long)
         + _rounded(num_samples * num_steps * 4)  # log_probs
         + sum(_rounded(num_samples * row) for row in cond_row_bytes)  # the conditioning
@@ -845,7 +851,9 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
     # keeps its steps and the final latent
     steps, final = recorded_steps(config, models), keeps_final(config)
     per_batch = trajectory_bytes(sample.batch_size, steps, latent, cond_rows, final)
-    epoch_traj = per_batch * sample.num_batches_per_epoch
+    on_card = not memory.offload_trajectory  # else the epoch's chains wait in CPU memory
+    held = trajectory_bytes(sample.batch_size, steps, latent, cond_rows, final, chain=on_card)
+    epoch_traj = held * sample.num_batches_per_epoch
 
     # run start: the prompt encoder encodes the prompt list in batches of encode_batch_size
     # (on the CPU with encode_on_cpu: then only the embeddings arrive)
@@ -899,14 +907,25 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
     step_samples = min(train.gradient_accumulation * train.batch_size, epoch_samples)
     if train.algorithm in ONE_STEP_ALGORITHMS:  # one optimizer step gathers the whole epoch
         step_samples = epoch_samples
-    gathered = trajectory_bytes(step_samples, steps, latent, cond_rows, final)
+    gathered = trajectory_bytes(step_samples, steps, latent, cond_rows, final, chain=on_card)
+    # the micro-batch in turn, gathered from its train batch (or its chain brought over)
+    whole = trajectory_bytes(micro, steps, latent, cond_rows, final)
+    if micro < min(train.batch_size, epoch_samples):  # a copy of its rows
+        in_turn = whole
+    else:  # the train batch itself; offloaded, its chain comes over
+        in_turn = (
+            0
+            if on_card
+            else whole - trajectory_bytes(micro, steps, latent, cond_rows, final, chain=False)
+        )
     train_t = transients.training(micro, chunk)
     training = PhaseEstimate(
-        base + epoch_traj + gathered + grads + train_t,
+        base + epoch_traj + gathered + in_turn + grads + train_t,
         {
             **resident,
             "trajectory (epoch)": epoch_traj,
             "optimizer step's gathered samples": gathered,
+            "micro-batch in turn": in_turn,
             "lora_grads": grads,
             f"transient (forward+backward, {micro} sample(s) x {chunk} timestep(s))": train_t,
         },

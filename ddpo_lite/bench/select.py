@@ -196,7 +196,12 @@ def select_for_vram(config: Config, vram_gb: float) -> tuple[Config, str]:
         step.memory.offload_reward = offload_reward
         step.reward.overlap = overlap
         ladder.append(step)
-    # 5-6. the quantized base, then the text encoders on the CPU (every step above kept on)
+    # 5-7. the epoch's chains in CPU memory (a copy per micro-batch), the quantized base, then
+    # the text encoders on the CPU (every step above kept on)
+    if not config.memory.offload_trajectory:
+        step = copy.deepcopy(ladder[-1])
+        step.memory.offload_trajectory = True
+        ladder.append(step)
     if config.memory.quantize_base == "none":
         step = copy.deepcopy(ladder[-1])
         step.memory.quantize_base = "nf4"
