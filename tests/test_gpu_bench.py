@@ -183,6 +183,92 @@ def test_quantize_denoiser_swaps_in_the_reloaded_model(monkeypatch):
         torch.testing.assert_close(after[name], weight, msg=name)
 
 
+def _bench_run(preset: str, tmp_path, **memory):
+    """The GPU run's `Run` for `preset` on its tiny model, with the GPU's levers (no --cpu),
+    `memory` fields replaced."""
+    from ddpo_lite.bench.bench import Run
+    from ddpo_lite.bench.suite import bench_config
+
+    config, _, _ = bench_config(preset, tiny=True, cpu=False, output_dir=str(tmp_path))
+    for name, value in memory.items():
+        setattr(config.memory, name, value)
+    return config, Run(config, None)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_bitsandbytes_base_trains_its_lora_as_on_a_gpu(kind, monkeypatch, tmp_path):
+    """memory.quantize_base 'nf4' / 'int8' as only a GPU runs it: diffusers' bitsandbytes
+    quantizer on the reloaded denoiser (quantize_denoiser), its weights left uncast, peft's
+    4-/8-bit LoRA layers, accelerate's checks for a quantized model, 8-bit Adam, gradient
+    checkpointing, an epoch and the pipeline beside it. On the CPU, with diffusers' GPU check
+    and device map bypassed (bitsandbytes itself quantizes on the CPU)."""
+    import torch
+
+    bnb = pytest.importorskip("bitsandbytes")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU: the suite runs this path itself")
+    from diffusers.quantizers.bitsandbytes import bnb_quantizer
+    from peft.tuners.lora import bnb as peft_bnb
+
+    from ddpo_lite.bench.bench import measure, vs_pipeline
+    from ddpo_lite.models import loading
+
+    monkeypatch.setattr(loading, "check_bitsandbytes", lambda kind: None)
+    for quantizer in (
+        bnb_quantizer.BnB4BitDiffusersQuantizer,
+        bnb_quantizer.BnB8BitDiffusersQuantizer,
+    ):
+        monkeypatch.setattr(quantizer, "validate_environment", lambda self, *a, **k: None)
+        monkeypatch.setattr(quantizer, "update_device_map", lambda self, device_map: {"": "cpu"})
+    # the CPU's packed 4-bit inference kernel (no GPU has it) wants wider layers than the tiny's
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+    monkeypatch.setenv("DDPO_LITE_BENCH_TMP", str(tmp_path))
+    config, run = _bench_run("flux-pickscore", tmp_path, quantize_base=kind)  # the preset: nf4
+    layer = bnb.nn.Linear4bit if kind == "nf4" else bnb.nn.Linear8bitLt
+    lora = peft_bnb.Linear4bit if kind == "nf4" else peft_bnb.Linear8bitLt
+    assert any(isinstance(m, layer) for m in run.denoiser.modules())
+    assert any(isinstance(m, lora) for m in run.denoiser.modules())
+    assert run.optimizer_name == "AdamW8bit"
+    assert {p.dtype for p in run.params} == {torch.float32}
+    before = [p.detach().clone() for p in run.params]
+    result = measure(config, 1, run=run)
+    assert result["on_policy_ratio_dev"] is not None
+    assert any(not torch.equal(a, p) for a, p in zip(before, run.params, strict=True))
+    versus = vs_pipeline(config, None, 1, run=run, steps=2, burn_in=False)
+    assert versus["pipeline"] == "FluxPipeline" and versus["ratio"] > 0
+
+
+def test_fp16_presets_train_through_the_grad_scaler(monkeypatch, tmp_path):
+    """mixed_precision = 'fp16' as only a GPU runs it: accelerate's GradScaler scales the
+    backward, unscales in clip_grad_norm_ and steps 8-bit Adam; SDXL's VAE stays float32. On the
+    CPU: the accelerator's precision set to fp16 and a CPU GradScaler given to it."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    import ddpo_lite.trainer as trainer
+    from ddpo_lite.bench.bench import measure
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU: the suite runs this path itself")
+
+    def fp16_accelerator(config):
+        AcceleratorState._reset_state(reset_partial_state=False)
+        accelerator = Accelerator(mixed_precision="bf16", cpu=True)  # native autocast on
+        accelerator.state._mixed_precision = "fp16"  # as on a GPU: fp16 autocast, a scaler
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+        return accelerator
+
+    monkeypatch.setattr(trainer, "make_accelerator", fp16_accelerator)
+    config, run = _bench_run("sdxl-aesthetic", tmp_path)
+    assert config.memory.mixed_precision == "fp16"
+    assert run.optimizer.scaler is run.accelerator.scaler
+    assert run.pipe.vae.dtype == torch.float32 and run.denoiser.dtype == torch.float16
+    before = [p.detach().clone() for p in run.params]
+    measure(config, 1, run=run)
+    assert any(not torch.equal(a, p) for a, p in zip(before, run.params, strict=True))
+
+
 def test_a_quantized_preset_is_skipped_with_the_reason_where_bitsandbytes_cannot_run(tmp_path):
     import torch
 
