@@ -8,7 +8,8 @@
 #
 # What travels (sizes as downloaded on 2026-12-01):
 #     diffusers 0.42.1            6.1 MiB   pure Python
-#     importlib_metadata 10.2.0   0.03 MiB  diffusers needs it (zipp is there)
+#     importlib_metadata 10.2.0   0.03 MiB  diffusers declares it (on 3.12 it imports the standard
+#                                           library's importlib.metadata; carried in case)
 #     bitsandbytes 0.50.2        13.3 MiB   slimmed from 41.1 MiB: only its CPU and CUDA 12.8 /
 #                                           13.0 / 13.2 libraries (the CUDA 11.8-12.6, ROCm and
 #                                           XPU builds are dropped; the wheel's RECORD with them)

@@ -632,7 +632,9 @@ def vs_pipeline(
         rollout(policy, prompts, ids, generator, group, record, window, sample.same_initial_noise)
 
     def theirs():
-        with policy.autocast():
+        # the denoiser under the policy's autocast as ours; the VAE decodes outside it, as ours
+        # does (under fp16 autocast an fp32 VAE would decode in fp16: faster, and it can overflow)
+        with policy.autocast(), _decoding_outside_autocast(run.pipe.vae, device):
             run.pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs)
 
     calls = {"rollout": lambda: ours(True), "rollout_no_record": lambda: ours(False)}
@@ -651,9 +653,14 @@ def vs_pipeline(
         for name, fn in calls.items():
             syncs[name] = count_syncs(device, lambda fn=fn: timed(fn))
     times = {name: [] for name in calls}
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for name, fn in calls.items():
-            times[name].append(timed(fn))
+            if round_ == 0 and not burn_in:  # counted in the first round (a warning per sync)
+                seconds = []
+                syncs[name] = count_syncs(device, lambda fn=fn, out=seconds: out.append(timed(fn)))
+                times[name] += seconds
+            else:
+                times[name].append(timed(fn))
     median = {name: statistics.median(values) for name, values in times.items()}
     # each rollout is timed next to a pipeline call: the round's ratio cancels slow drifts of a
     # shared machine better than the ratio of medians
@@ -680,6 +687,27 @@ def vs_pipeline(
         "record_overhead": statistics.median(extras),
         **{f"{name}_syncs": count for name, count in syncs.items()},
     }
+
+
+@contextmanager
+def _decoding_outside_autocast(vae, device: torch.device):
+    """`vae.decode` with autocast off for the block (the pipeline's call sits inside it), its
+    input in the VAE's dtype."""
+    decode = vae.decode
+
+    def plain(latents, *args, **kwargs):  # in the VAE's dtype, as the rollout decodes
+        with torch.autocast(device.type, enabled=False):
+            return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    own = vae.__dict__.get("decode")  # an instance attribute already there, if any
+    vae.decode = plain
+    try:
+        yield
+    finally:
+        if own is None:
+            del vae.decode  # the class's method again
+        else:
+            vae.decode = own
 
 
 def count_syncs(device: torch.device, fn) -> int | None:
