@@ -200,30 +200,32 @@ def accumulate_step(
     """
     total = sum(int(valid.sum()) * cols.shape[1] for _, cols, _, valid in batches)
     total = max(total, 1)
-    # (samples, micro-batch rows or None = all, cols, weights, valid) per forward+backward; a
-    # micro-batch is gathered (and its chain brought to the device) when its turn comes, so
+    # a micro-batch is gathered (and its chain brought to the device) when its turn comes, so
     # one micro-batch's copy exists at a time
-    chunks = []
+    micros = []  # (train batch, its rows or None = all of them)
+    chunks = []  # (micro-batch index, cols, weights, valid) per forward+backward
     for samples, cols, weights, valid in batches:
         n, k = cols.shape
         rows = micro_batch if 0 < micro_batch < n else n
         size = timestep_chunk if 0 < timestep_chunk < k else k
         for first in range(0, n, rows):
-            part = None if rows == n else slice(first, first + rows)
-            every = slice(None) if part is None else part
+            part = slice(first, first + rows)
+            micros.append((samples, None if rows == n else part))
             for start in range(0, k, size):
-                chunk = cols[every, start : start + size]
-                chunks.append((samples, part, chunk, weights[every], valid[every]))
+                chunks.append(
+                    (len(micros) - 1, cols[part, start : start + size], weights[part], valid[part])
+                )
     # the statistics stay on the device until the step's end: one read, not one per backward
     sums: dict[str, torch.Tensor] = {}
-    held_key, held = None, None
-    for i, (samples, part, cols, weights, valid) in enumerate(chunks):
-        key = (id(samples), None if part is None else part.start)
-        if key != held_key:
+    held_index, held = -1, None
+    for i, (m, cols, weights, valid) in enumerate(chunks):
+        if m != held_index:
             held = None  # the previous micro-batch goes before the next one is gathered
+            samples, part = micros[m]
             if part is not None:
                 samples = samples.index(torch.arange(len(samples), device=cols.device)[part])
-            held_key, held = key, samples.on_device()
+            held_index, held = m, samples.on_device()
+            del samples
         last = i == len(chunks) - 1
         context = torch.enable_grad() if last else accelerator.no_sync(model)
         with context:
