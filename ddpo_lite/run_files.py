@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -159,6 +160,36 @@ def refresh_lora(output_dir: Path, checkpoint: Path) -> bool:
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return True
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resumed_config(old_text: str, new_text: str, epoch: int) -> tuple[str, list[str]]:
+    """The config.toml a resumed run writes, and 'key old -> new' for each setting it changes.
+
+    The new text keeps the old file's `# resumed at ...` lines and adds one for this resume when
+    anything changed, so the file says which epochs ran with which settings (TOML ignores them).
+    """
+    old, new = _flat(tomllib.loads(old_text)), _flat(tomllib.loads(new_text))
+    old.pop("output_dir", None)  # the folder resumed from, wherever it was moved: not a setting
+    new.pop("output_dir", None)
+    changed = [
+        f"{key} {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+        for key in [*new, *(k for k in old if k not in new)]
+        if old.get(key, "(unset)") != new.get(key, "(unset)")
+    ]
+    history = [line for line in old_text.splitlines() if line.startswith("# resumed at ")]
+    if changed:
+        history.append(f"# resumed at epoch {epoch} with {', '.join(changed)}")
+    return "".join(f"{line}\n" for line in history) + new_text, changed
 
 
 def epoch_summary(epoch: int, num_epochs: int, row: dict) -> str:

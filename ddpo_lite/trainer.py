@@ -83,6 +83,7 @@ from ddpo_lite.run_files import (
     metrics_before,
     prepare_output,
     refresh_lora,
+    resumed_config,
     write_model_card,
 )
 from ddpo_lite.samplers.ddim import DDIMSampler
@@ -566,12 +567,17 @@ class TrainingLoop:
         self.result.metrics = metrics_before(self.metrics_file, first_epoch)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.toml").write_text(to_toml(self.config))
+            config_file, text, changed = self.output_dir / "config.toml", to_toml(self.config), []
+            if resumed and config_file.is_file():  # what the resume changed, said and kept
+                text, changed = resumed_config(config_file.read_text(), text, first_epoch)
+            config_file.write_text(text)
             with self.metrics_file.open("w") as f:  # a resumed run drops the rows it redoes
                 f.writelines(json_line(row) for row in self.result.metrics)
             if resumed:
                 where = f"epoch {first_epoch}" if from_checkpoint else "the start (no checkpoint)"
                 self.console.print(f"resuming {self.output_dir} from {where}")
+            if changed:
+                self.console.print(f"resumed with changed settings: {', '.join(changed)}")
         if self.config.log_with:
             self.accelerator.init_trackers("logs", config=_tracker_config(self.config))
 

@@ -123,6 +123,11 @@ def test_resume_from_the_command_line_extends_a_run(run_dir, tmp_path, capsys):
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     printed = capsys.readouterr().out
     assert "from epoch 2" in printed
+    # what the resume changed is said, and kept in config.toml (a comment TOML ignores)
+    assert "resumed with changed settings: num_epochs 2 -> 3" in printed
+    header = (copy / "config.toml").read_text().splitlines()[0]
+    assert header == "# resumed at epoch 2 with num_epochs 2 -> 3"
+    assert tomllib.loads((copy / "config.toml").read_text())["num_epochs"] == 3
     # not a terminal: no progress bars, one plain summary line per epoch
     summary = [line for line in printed.splitlines() if line.startswith("epoch 3/3")]
     assert len(summary) == 1 and "reward" in summary[0] and "s/epoch" in summary[0]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -302,3 +304,44 @@ def test_syncs_are_counted_as_cuda_reports_them(monkeypatch):
     assert count_syncs(torch.device("cuda"), two_syncs) == 2
     assert modes == ["warn", 0]
     assert count_syncs(torch.device("cpu"), two_syncs) is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
+def test_a_worker_and_its_children_go_when_the_driver_is_killed():
+    """A driver killed with SIGKILL cannot kill its workers (each in its own session): the
+    worker watches for it and takes its process group (here a `sleep` child) with it."""
+    worker = (
+        "import subprocess, sys, time; from ddpo_lite.bench.suite import exit_with_driver; "
+        "child = subprocess.Popen(['sleep', '60']); print(child.pid, flush=True); "
+        "exit_with_driver(int(sys.argv[1]), poll_s=0.05); time.sleep(60)"
+    )
+    driver = (
+        "import os, subprocess, sys, time; "
+        f"w = subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())], "
+        "start_new_session=True, stdout=subprocess.PIPE, text=True); "
+        "print(w.pid, w.stdout.readline().strip(), flush=True); time.sleep(60)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True, env=env
+    )
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    time.sleep(0.3)
+    assert all(_alive(p) for p in pids)  # the driver alive: the worker stays
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [p for p in pids if _alive(p)]
+    for pid in left:  # a failure leaves nothing running
+        os.kill(pid, signal.SIGKILL)
+    assert not left

@@ -441,3 +441,25 @@ def test_a_damaged_metrics_file_is_kept_and_said_on_resume(tmp_path):
         warnings.simplefilter("error")
         assert [row["epoch"] for row in metrics_before(path, 2)] == [1, 2]
     assert not (tmp_path / "metrics.jsonl.damaged").exists()
+
+
+def test_each_resume_that_changes_settings_is_kept_in_config_toml():
+    import tomllib
+
+    from ddpo_lite.run_files import resumed_config
+
+    first = "num_epochs = 2\n\n[model]\nmax_sequence_length = 512\n[reward]\nweights = {a = 1}\n"
+    same, changed = resumed_config(first, first, 2)
+    assert (same, changed) == (first, [])  # a plain resume: the file as it was, nothing said
+
+    second = first.replace("= 2", "= 4").replace("512", "256")
+    text, changed = resumed_config(first, second, 2)
+    assert changed == ["num_epochs 2 -> 4", "model.max_sequence_length 512 -> 256"]
+    third = second.replace("{a = 1}", "{a = 1, b = 2}")
+    text, changed = resumed_config(text, third, 4)
+    assert changed == ["reward.weights.b '(unset)' -> 2"]
+    assert text.splitlines()[:2] == [
+        "# resumed at epoch 2 with num_epochs 2 -> 4, model.max_sequence_length 512 -> 256",
+        "# resumed at epoch 4 with reward.weights.b '(unset)' -> 2",
+    ]
+    assert tomllib.loads(text) == tomllib.loads(third)

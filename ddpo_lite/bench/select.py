@@ -231,6 +231,8 @@ def select_for_vram(config: Config, vram_gb: float) -> tuple[Config, str]:
         )
     best = None
     for step in ladder:
+        if not _fits(search(step).estimate(_with_shape(step, 1, 1)), budget):
+            continue  # not even its smallest forward+backward fits: no shape search
         best = search(step).best_shape(step, budget)
         if best is not None:
             break

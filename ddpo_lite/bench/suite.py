@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -242,7 +243,25 @@ def _estimate(config, tiny: bool) -> dict:
     return estimate(config, models=models).to_dict()
 
 
+def exit_with_driver(driver_pid: int, poll_s: float = 1.0) -> None:
+    """Kill this worker's process group once the driver that started it is gone.
+
+    The driver starts each worker in its own session, so that a timeout kills the worker's
+    children with it; a driver killed outright (SIGKILL) can kill nothing, and the worker would
+    run on, holding the GPU. So the worker watches its parent: once it is reparented, it goes.
+    """
+
+    def watch() -> None:
+        while os.getppid() == driver_pid:
+            time.sleep(poll_s)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="driver-watch", daemon=True).start()
+
+
 def _worker(args) -> int:
+    if args.driver_pid:
+        exit_with_driver(args.driver_pid)
     part = Path(args.part)
     try:
         run_preset(
@@ -275,7 +294,7 @@ def _in_subprocess(preset: str, part: Path, log, timeout: float, worker_args: li
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     command = [sys.executable, "-m", "ddpo_lite.bench.suite", "--worker", preset]
-    command += ["--part", str(part), *worker_args]
+    command += ["--part", str(part), "--driver-pid", str(os.getpid()), *worker_args]
     log.write(f"\n===== {preset}: {' '.join(command)}\n")
     log.flush()
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -532,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-start-s", type=float, default=MIN_START_S, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--driver-pid", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--compared", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
