@@ -17,9 +17,11 @@ def main(out: Path, *overrides: str) -> None:
     config = load_config("tiny", [f'output_dir="{out / "run"}"', *overrides])
     result = train(config)
     rank = int(os.environ.get("RANK", "0"))  # train() ends by destroying the process group
+    pipe = result.pipeline
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     lora = {
         k: v.detach().float().contiguous()
-        for k, v in result.pipeline.unet.state_dict().items()
+        for k, v in denoiser.state_dict().items()
         if "lora_" in k
     }
     save_file(lora, str(out / f"rank{rank}.safetensors"))

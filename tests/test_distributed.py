@@ -1,6 +1,8 @@
 """Two CPU processes (torchrun, gloo) train one epoch: both must hold the same LoRA, and it must
 differ from the LoRA one process trains on only its own half of the data, so the gradients
-really were averaged across processes."""
+really were averaged across processes. The same for the other paths through the update: GRPO
+on a flow model with the KL to the base (a forward with the LoRA off inside the DDP model) and
+the one-step log-prob-free update (NFT: the whole epoch accumulated under no_sync)."""
 
 import os
 import socket
@@ -68,3 +70,48 @@ def test_two_processes_average_gradients(tmp_path):
     alone = load_file(one / "rank0.safetensors")
     differences = [float((alone[k] - rank0[k]).abs().max()) for k in rank0 if "lora_B" in k]
     assert max(differences) > 1e-6
+
+
+def _two_ranks(tmp_path, overrides: list[str]) -> dict[str, torch.Tensor]:
+    out = tmp_path / "two"
+    out.mkdir()
+    run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            str(WORKER), str(out), *overrides,
+        ],
+        out,
+    )  # fmt: skip
+    rank0 = load_file(out / "rank0.safetensors")
+    rank1 = load_file(out / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    for key in rank0:  # each rank sampled its own prompts and noise: equal only if averaged
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+    assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
+    return rank0
+
+
+FLOW_GRPO = [
+    "model.name=tiny-sd3",
+    "sample.eta=0.7",
+    "sample.group_size=2",
+    "sample.same_initial_noise=false",
+    "train.algorithm=grpo",
+    "train.kl_coef=0.04",
+    "train.batch_size=2",
+    "train.gradient_accumulation=2",
+]
+NFT = [
+    "sample.group_size=2",
+    "train.algorithm=nft",
+    "train.batch_size=2",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [FLOW_GRPO, NFT], ids=["flow-grpo-kl", "nft"])
+def test_two_processes_average_gradients_on_every_update_path(tmp_path, case):
+    pytest.importorskip("torch.distributed.run")
+    base = [o for o in OVERRIDES if not o.startswith("train.")] + ["train.learning_rate=1e-2"]
+    _two_ranks(tmp_path, [*base, *case])
