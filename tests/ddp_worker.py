@@ -20,9 +20,7 @@ def main(out: Path, *overrides: str) -> None:
     pipe = result.pipeline
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     lora = {
-        k: v.detach().float().contiguous()
-        for k, v in denoiser.state_dict().items()
-        if "lora_" in k
+        k: v.detach().float().contiguous() for k, v in denoiser.state_dict().items() if "lora_" in k
     }
     save_file(lora, str(out / f"rank{rank}.safetensors"))
     assert not dist.is_initialized(), "train() must end by destroying the process group"
