@@ -38,40 +38,6 @@ def run(command: list[str], out: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-@pytest.mark.slow
-def test_two_processes_average_gradients(tmp_path):
-    pytest.importorskip("torch.distributed.run")
-    two = tmp_path / "two"
-    one = tmp_path / "one"
-    two.mkdir()
-    one.mkdir()
-    run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            str(WORKER), str(two), *OVERRIDES,
-        ],
-        two,
-    )  # fmt: skip
-    # both processes really ran: one LoRA file per rank
-    assert sorted(p.name for p in two.glob("rank*.safetensors")) == [
-        "rank0.safetensors",
-        "rank1.safetensors",
-    ]
-    rank0 = load_file(two / "rank0.safetensors")
-    rank1 = load_file(two / "rank1.safetensors")
-    assert rank0.keys() == rank1.keys() and len(rank0) > 0
-    for key in rank0:
-        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
-    assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
-
-    # one process with rank 0's seed samples rank 0's half only
-    run([sys.executable, str(WORKER), str(one), *OVERRIDES], one)
-    alone = load_file(one / "rank0.safetensors")
-    differences = [float((alone[k] - rank0[k]).abs().max()) for k in rank0 if "lora_B" in k]
-    assert max(differences) > 1e-6
-
-
 def _two_ranks(tmp_path, overrides: list[str]) -> dict[str, torch.Tensor]:
     out = tmp_path / "two"
     out.mkdir()
@@ -83,6 +49,11 @@ def _two_ranks(tmp_path, overrides: list[str]) -> dict[str, torch.Tensor]:
         ],
         out,
     )  # fmt: skip
+    # both processes really ran: one LoRA file per rank
+    assert sorted(p.name for p in out.glob("rank*.safetensors")) == [
+        "rank0.safetensors",
+        "rank1.safetensors",
+    ]
     rank0 = load_file(out / "rank0.safetensors")
     rank1 = load_file(out / "rank1.safetensors")
     assert rank0.keys() == rank1.keys() and len(rank0) > 0
@@ -90,6 +61,19 @@ def _two_ranks(tmp_path, overrides: list[str]) -> dict[str, torch.Tensor]:
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
     assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
     return rank0
+
+
+@pytest.mark.slow
+def test_two_processes_average_gradients(tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    rank0 = _two_ranks(tmp_path, OVERRIDES)
+    # one process with rank 0's seed samples rank 0's half only
+    one = tmp_path / "one"
+    one.mkdir()
+    run([sys.executable, str(WORKER), str(one), *OVERRIDES], one)
+    alone = load_file(one / "rank0.safetensors")
+    differences = [float((alone[k] - rank0[k]).abs().max()) for k in rank0 if "lora_B" in k]
+    assert max(differences) > 1e-6
 
 
 FLOW_GRPO = [
