@@ -437,9 +437,11 @@ def _is_user_error(err: BaseException) -> bool:
     from ddpo_lite.rewards import UnknownRewardError
     from ddpo_lite.rewards._models import RewardModelError
     from ddpo_lite.rewards.compose import RewardError
+    from ddpo_lite.trainer import OutOfMemoryStop
 
     user_errors = (
         UsageError,
+        OutOfMemoryStop,
         CheckpointError,
         ModelLoadError,
         MissingDependencyError,

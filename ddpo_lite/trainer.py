@@ -418,15 +418,23 @@ def train(
     console = Console(soft_wrap=True, markup=False)  # paths and reasons print as text
     enabled = show_progress and accelerator.is_main_process and console.is_terminal
     loading = f"loading the model {config.model.name!r} and the reward"
-    with console.status(loading) if enabled else contextlib.nullcontext():
-        reward = (
-            CheckedReward(reward_fn, getattr(reward_fn, "__name__", "reward_fn"))
-            if reward_fn is not None
-            else build_reward(
-                config.reward, device=str(accelerator.device), offload=config.memory.offload_reward
+    try:
+        with console.status(loading) if enabled else contextlib.nullcontext():
+            reward = (
+                CheckedReward(reward_fn, getattr(reward_fn, "__name__", "reward_fn"))
+                if reward_fn is not None
+                else build_reward(
+                    config.reward,
+                    device=str(accelerator.device),
+                    offload=config.memory.offload_reward,
+                )
             )
-        )
-        loop = TrainingLoop(config, accelerator, reward, prompts, eval_groups, output_dir, console)
+            loop = TrainingLoop(
+                config, accelerator, reward, prompts, eval_groups, output_dir, console
+            )
+    except torch.OutOfMemoryError as err:
+        message = out_of_memory_message("loading the models", 0, config, accelerator.device)
+        raise OutOfMemoryStop(message) from err
     first_epoch = loop.restore_intact(checkpoint) if checkpoint is not None else 0
     if first_epoch and accelerator.is_main_process:  # lora/ older than the checkpoint: its own
         refresh_lora(output_dir, checkpoint_dir(output_dir, first_epoch))
@@ -449,6 +457,10 @@ def train(
                 if stop is not None:
                     loop.stopped(epoch, stop)
                     break
+    except torch.OutOfMemoryError as err:
+        epoch = len(loop.result.metrics) + 1
+        message = out_of_memory_message(loop.phase, epoch, config, accelerator.device)
+        raise OutOfMemoryStop(message) from err
     except RewardError as err:
         raise RewardError(_stopped_message(err, loop.result)) from err
     except OSError as err:  # metrics.jsonl, sample grids, best_lora/: disk full, quota, ...
@@ -482,6 +494,7 @@ class TrainingLoop:
         self.metrics_file = output_dir / "metrics.jsonl"
         self.console = console or Console(soft_wrap=True, markup=False)  # text prints as text
         self.progress: Progress | None = None  # train() sets it: evaluations show a bar too
+        self.phase = "setting up"  # what the run is doing: an out-of-memory stop names it
         self.run = build_components(config, accelerator)
         self.eval_policy = eval_policy(self.run.policy, config, accelerator.device)
         if len(prompts) <= PRELOAD_PROMPTS:
@@ -593,6 +606,7 @@ class TrainingLoop:
         advance = functools.partial(progress.advance, task)
 
         # 1-2. rollout from the current policy; each batch scored while the next samples
+        self.phase = "sampling and scoring"
         samples = sample_epoch(
             run, self.prompts, config, self.generator, accelerator, self.reward, advance, executor
         )
@@ -615,9 +629,11 @@ class TrainingLoop:
                 "trajectory and were dropped from the update",
                 stacklevel=2,
             )
+        self.phase = "measuring the KL to the base"
         drift = self.drift(samples, epoch)
 
         # 4. update
+        self.phase = "training"
         total = optimizer_steps(config, len(trajectory))
         progress.update(task, description=f"{label} training", completed=0, total=total)
         stats = update(
@@ -680,6 +696,7 @@ class TrainingLoop:
         """Held-out evaluation (main process): metrics, grid, best LoRA."""
         row: dict[str, float] = {}
         if self.is_main:
+            self.phase = "the held-out evaluation"
             config, run = self.config, self.run
             progress = self.progress or _progress(self.console, False)
             recompute = self.baseline_results is None and epochs_done
@@ -751,6 +768,7 @@ class TrainingLoop:
     def save(self, epochs_done: int) -> None:
         """Checkpoint, user-facing LoRA and model card (every process joins the gather)."""
         run, accelerator = self.run, self.accelerator
+        self.phase = "saving the checkpoint"
         # every process's generator state, so that a resumed run draws what this one would have
         states = accelerator.gather(self.generator.get_state()[None].to(accelerator.device))
         if not self.is_main:
@@ -782,6 +800,62 @@ class TrainingLoop:
 
 class NoSamplesError(RewardError):
     """Every sample of an epoch was dropped: the run stops instead of training on nothing."""
+
+
+class OutOfMemoryStop(RuntimeError):
+    """The accelerator ran out of memory: the run stopped, its last checkpoint intact."""
+
+
+def _leaner_settings(config: Config) -> list[str]:
+    """The memory levers this config has off, cheapest first (as `--vram` tries them)."""
+    memory, train = config.memory, config.train
+    options = [
+        (memory.attention == "math", "memory.attention='sdpa'"),
+        (not memory.gradient_checkpointing, "memory.gradient_checkpointing=true"),
+        (train.micro_batch_size != 1 and train.batch_size > 1, "train.micro_batch_size=1"),
+        (train.timestep_chunk != 1, "train.timestep_chunk=1"),
+        (config.reward.overlap, "reward.overlap=false"),
+        (not memory.offload_reward, "memory.offload_reward=true"),
+        (not memory.offload_trajectory, "memory.offload_trajectory=true"),
+        (memory.quantize_base == "none", "memory.quantize_base='nf4'"),
+    ]
+    return [setting for is_off, setting in options if is_off]
+
+
+def out_of_memory_message(phase: str, epoch: int, config: Config, device: torch.device) -> str:
+    """Where the run ran out of memory, what the card held, and how to continue with less."""
+    output_dir = Path(config.output_dir)
+    last = latest_checkpoint(output_dir)
+    where = f"in epoch {epoch} ({phase})" if epoch else f"while {phase}"
+    text = f"out of {'GPU memory' if device.type == 'cuda' else 'memory'} {where}"
+    budget = ""
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+        reserved = torch.cuda.memory_reserved(device)
+        unused = reserved - torch.cuda.memory_allocated(device)
+        text += (
+            f": the card has {total / 2**30:.1f} GiB, PyTorch held up to "
+            f"{torch.cuda.max_memory_reserved(device) / 2**30:.1f} GiB"
+        )
+        if unused > 0.1 * total:  # fragmentation: expandable segments give it back
+            text += (
+                f" ({unused / 2**30:.1f} GiB of it reserved but free: "
+                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True may be enough)"
+            )
+        vram = max(1, int(0.85 * total / 2**30))
+        budget = f" --vram {vram}"
+    if last is not None:
+        text += f"; the run stopped (the last checkpoint, {last.name}, is intact). Continue it "
+        text += f"with less memory: `ddpo-lite train --resume {output_dir}{budget}`"
+    else:
+        text += "; the run stopped before its first checkpoint. Start it again with less "
+        text += f"memory: the same command with `--overwrite{budget}`"
+    if budget:
+        text += f" (--vram picks the memory levers from the estimate; {vram} GB leaves room)"
+    levers = _leaner_settings(config)
+    if levers:
+        text += f", or --set one of {', '.join(levers[:4])}"
+    return text + " (`ddpo-lite bench --estimate` shows where the memory goes)"
 
 
 def _stopped_message(err: RewardError, result: TrainResult) -> str:

@@ -463,3 +463,79 @@ def test_each_resume_that_changes_settings_is_kept_in_config_toml():
         "# resumed at epoch 4 with reward.weights.b '(unset)' -> 2",
     ]
     assert tomllib.loads(text) == tomllib.loads(third)
+
+
+OOM_REWARD = """
+import torch
+
+calls = []
+
+
+def reward(images, prompts, metadata):
+    calls.append(1)
+    if len(calls) > 1:  # the second epoch's batch (one batch per epoch)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return [0.0] * len(images), {}
+"""
+
+
+@pytest.mark.parametrize("phase", ["sampling and scoring", "training"])
+def test_out_of_memory_stops_in_one_line_naming_the_phase_and_resume_continues(
+    tmp_path, capsys, monkeypatch, phase
+):
+    """An out-of-memory error in epoch 2 (in the reward's thread, or in the update) stops the run
+    with one line: where, that epoch 1's checkpoint is intact, how to continue with less memory
+    (the levers this config has off); --resume then finishes the run."""
+    import ddpo_lite.trainer
+    from ddpo_lite.cli import main
+
+    out = tmp_path / "run"
+    sets = ["num_epochs=2", *SHORT]
+    if phase == "sampling and scoring":
+        (tmp_path / "oom_reward.py").write_text(OOM_REWARD)
+        sets.append(f"reward.name='{tmp_path / 'oom_reward.py'}:reward'")
+    else:
+        real, calls = ddpo_lite.trainer.update, []
+
+        def update(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ddpo_lite.trainer, "update", update)
+    args = ["train", "--preset", "tiny", "--output", str(out), "--quiet"]
+    assert main([*args, *(x for s in sets for x in ("--set", s))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"out of memory in epoch 2 ({phase})" in err
+    assert "the last checkpoint, epoch_0001, is intact" in err and f"--resume {out}" in err
+    # the tiny preset trains all its timesteps in one pass, without checkpointing
+    assert "memory.gradient_checkpointing=true" in err and "train.timestep_chunk=1" in err
+    assert [p.name for p in list_checkpoints(out)] == ["epoch_0001"]
+
+    monkeypatch.undo()
+    resume = ["train", "--resume", str(out), "--quiet"]
+    if phase == "sampling and scoring":
+        resume += ["--set", "reward.name='jpeg_compressibility'"]
+    assert main(resume) == 0
+    assert [row["epoch"] for row in _rows(out)] == [1, 2]
+
+
+def test_out_of_memory_on_a_gpu_says_what_the_card_held(tmp_path, monkeypatch):
+    """The CUDA branch, on figures a card would report: its size, PyTorch's peak, memory the
+    allocator holds unused (fragmentation), and a --vram budget below the card."""
+    from ddpo_lite.trainer import out_of_memory_message
+
+    GiB = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * GiB, 12 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 8 * GiB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 11 * GiB)
+    config = tiny_config(tmp_path, "memory.gradient_checkpointing=true")
+    text = out_of_memory_message("training", 3, config, torch.device("cuda"))
+    assert text.startswith("out of GPU memory in epoch 3 (training): the card has 12.0 GiB, ")
+    assert "PyTorch held up to 11.0 GiB (2.0 GiB of it reserved but free" in text
+    assert "expandable_segments:True" in text
+    assert "before its first checkpoint" in text and "--overwrite --vram 10`" in text
+    assert "memory.gradient_checkpointing" not in text  # on already: not suggested

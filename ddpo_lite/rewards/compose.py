@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ddpo_lite.rewards.registry import Reward, UnknownRewardError, get_reward
 
@@ -38,7 +39,7 @@ class CheckedReward:
     ) -> tuple[np.ndarray, dict[str, Any]]:
         try:
             out = self.reward(images, prompts, metadata)
-        except RewardError:
+        except (RewardError, torch.OutOfMemoryError):  # the trainer says where memory ran out
             raise
         except (Exception, SystemExit) as err:  # sys.exit() in a reward stops the run, in a line
             first = str(err).splitlines()[0] if str(err) else ""
