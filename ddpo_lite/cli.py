@@ -29,6 +29,13 @@ _err = Console(stderr=True, soft_wrap=True)
 _out = Console(soft_wrap=True, markup=False)
 
 
+DEVICE_HELP = "torch device, e.g. cuda, cuda:1 or cpu (default: cuda where there is one, else cpu)"
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+DTYPE_HELP = (
+    "the models' weights (default auto: bf16 on a GPU, fp16 where it has no bf16; fp32 on cpu)"
+)
+
+
 class UsageError(Exception):
     """A command-line mistake; printed as one line with exit status 2."""
 
@@ -123,6 +130,7 @@ def _sample(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         output=args.output,
         device=args.device,
+        dtype=args.dtype,
     )
     _out.print(f"{len(result.paths)} images and {result.grid} written to {args.output}")
     return 0
@@ -159,7 +167,8 @@ def _eval(args: argparse.Namespace) -> int:
         num_per_prompt=args.num,
         seed=args.seed,
         steps=args.steps,
-        device=args.device or "cpu",
+        device=args.device,
+        dtype=args.dtype,
     )
     table = Table(title="held-out evaluation" + (f": {args.lora}" if args.lora else ""))
     if tuned is None:
@@ -319,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
     sample.add_argument("--steps", type=int, help="DDIM steps (default: as trained)")
     sample.add_argument("--guidance-scale", type=float, help="CFG scale (default: as trained)")
-    sample.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cpu)")
+    sample.add_argument("--device", help=DEVICE_HELP)
+    sample.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     sample.add_argument(
         "--output", default="samples", metavar="DIR", help="output folder (default: samples)"
     )
@@ -347,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, help="prompt j uses seed + j (default: the run's eval.seed, or 20231)"
     )
     evaluate.add_argument("--steps", type=int, help="DDIM steps (default: as trained)")
-    evaluate.add_argument("--device", help="torch device (default: cpu)")
+    evaluate.add_argument("--device", help=DEVICE_HELP)
+    evaluate.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     evaluate.set_defaults(func=_eval)
 
     export = commands.add_parser(

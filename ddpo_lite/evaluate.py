@@ -232,7 +232,8 @@ def evaluate_lora(
     num_per_prompt: int | None = None,
     seed: int | None = None,
     steps: int | None = None,
-    device: str = "cpu",
+    device: str | None = None,
+    dtype: str = "auto",
 ) -> tuple[dict[str, GroupResult], dict[str, GroupResult] | None]:
     """Evaluate the base model and, with `lora`, the tuned one on the same noise.
 
@@ -240,20 +241,34 @@ def evaluate_lora(
     sum, a reward server, ...; steps, guidance, eta, resolution, a flow model's text tokens) and
     the evaluation settings (`[eval]` prompt groups, num_per_prompt, max_prompts, seed) of the
     run's config.toml beside the LoRA folder, else of its preset, else 4 images per prompt and
-    seed 20231. Returns (base results, tuned results or None).
+    seed 20231. Runs on `device` (None: the GPU where there is one) with weights in `dtype` (as
+    `ddpo-lite sample`: "auto" is bf16 or fp16 on a GPU, fp32 on the CPU), under autocast when
+    they are not fp32. Returns (base results, tuned results or None).
     """
     from ddpo_lite.config import Config, EvalConfig, load_config
+    from ddpo_lite.families import family_of
     from ddpo_lite.models import load_pipeline
     from ddpo_lite.rewards.compose import build_reward
-    from ddpo_lite.sample import load_with_lora
+    from ddpo_lite.sample import inference_device, inference_dtype, load_with_lora
     from ddpo_lite.trainer import make_policy
 
+    device = inference_device(device)
+    weights = inference_dtype(dtype, device)
     if lora is not None:
-        pipe, metadata = load_with_lora(lora, model, device)
+        pipe, metadata = load_with_lora(lora, model, device, weights)
     elif model:
-        pipe, metadata = load_pipeline(model).to(device), {}
+        pipe, metadata = load_pipeline(model).to(device=device, dtype=weights), {}
     else:
         raise ConfigError("give a LoRA, or a --model to evaluate the base model alone")
+    if weights == torch.float16 and family_of(pipe).vae_fp32_in_fp16:
+        pipe.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16, as in training
+    autocast = contextlib.nullcontext
+    if weights != torch.float32:
+        kind = torch.device(device).type
+
+        def autocast():
+            return torch.autocast(kind, dtype=weights)
+
     run = run_config_beside(lora) if lora is not None else None
     settings_from = run.eval if run is not None else None
     preset = metadata.get("preset")
@@ -281,7 +296,7 @@ def evaluate_lora(
     sampling.sample.resolution = int(metadata.get("resolution", 0))
     sampling.model.max_sequence_length = int(metadata.get("max_sequence_length", -1))
     sampling.memory.offload_text_encoder = False
-    policy = make_policy(pipe, sampling, device, autocast=contextlib.nullcontext)
+    policy = make_policy(pipe, sampling, device, autocast=autocast)
     settings = dict(
         num_per_prompt=num_per_prompt or run_eval.num_per_prompt,
         seed=run_eval.seed if seed is None else seed,

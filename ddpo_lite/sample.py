@@ -4,6 +4,8 @@
 `load_pipeline(base).load_lora_weights(lora)` and a pipeline call. Image k of every prompt uses
 `torch.Generator("cpu").manual_seed(seed + k)`, so the same seed gives the same images from
 diffusers directly, and every prompt starts from the same noise (easy to compare side by side).
+It runs on the GPU where there is one, in bfloat16 there (float16 where the card has no bf16;
+SDXL's VAE then decodes upcast, as diffusers does), in float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,23 @@ from ddpo_lite.lora_files import LoraFileError, check_lora_fits, read_lora_file
 from ddpo_lite.models import load_pipeline
 from ddpo_lite.models.lora import read_lora_metadata
 from ddpo_lite.run_files import check_output_folder
+
+#: `--dtype` names ("auto": float32 on the CPU; on a GPU bfloat16, or float16 without bf16).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def inference_device(device: str | None) -> str:
+    """`device` as given, else the GPU where this machine has one, else the CPU."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def inference_dtype(name: str, device: str) -> torch.dtype:
+    """The weights' dtype for `--dtype name` on `device`."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 @dataclass
@@ -46,8 +65,14 @@ def _lora_module_count(unet: torch.nn.Module) -> int:
     return sum(1 for m in unet.modules() if isinstance(m, LoraLayer) and len(m.lora_A) > 0)
 
 
-def load_with_lora(lora: str | Path, model: str | None = None, device: str | None = None):
-    """The base pipeline named in the LoRA's metadata (or `model`), with the LoRA loaded.
+def load_with_lora(
+    lora: str | Path,
+    model: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """The base pipeline named in the LoRA's metadata (or `model`), with the LoRA loaded, moved
+    to `device` and cast to `dtype` (None: as loaded).
 
     Checks that every module in the file was attached: a LoRA whose keys do not match the UNet
     is an error, not a silent no-op.
@@ -92,9 +117,12 @@ def load_with_lora(lora: str | Path, model: str | None = None, device: str | Non
             f"LoRA {str(file)!r}: only {attached} of its {expected} modules matched the {type(denoiser).__name__} of "
             f"{base!r} (a LoRA for another model?)"
         )
-    if device:
-        pipe.to(device)
-    return pipe, metadata
+    return _placed(pipe, device, dtype), metadata
+
+
+def _placed(pipe, device: str | None, dtype: torch.dtype | None):
+    moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    return pipe.to(**moves) if moves else pipe
 
 
 def _slug(text: str) -> str:
@@ -113,8 +141,10 @@ def sample(
     eta: float | None = None,
     output: str | Path | None = None,
     device: str | None = None,
+    dtype: str = "auto",
 ) -> SampleResult:
-    """`num` images per prompt from the LoRA (or the bare base `model` when `lora` is None).
+    """`num` images per prompt from the LoRA (or the bare base `model` when `lora` is None), on
+    `device` (None: the GPU where there is one) in `dtype` (a `DTYPES` name or "auto").
 
     Steps, guidance, eta, resolution and a flow model's text tokens (`model.max_sequence_length`)
     default to the ones the LoRA was trained with. With `output`, writes
@@ -122,14 +152,14 @@ def sample(
     """
     if output is not None:
         check_output_folder(output)  # before the model loads
+    device = inference_device(device)
+    weights = inference_dtype(dtype, device)
     if lora is not None:
-        pipe, metadata = load_with_lora(lora, model, device)
+        pipe, metadata = load_with_lora(lora, model, device, weights)
     else:
         if not model:
             raise ValueError("give a LoRA or a model")
-        pipe, metadata = load_pipeline(model), {}
-        if device:
-            pipe.to(device)
+        pipe, metadata = _placed(load_pipeline(model), device, weights), {}
     steps = steps or int(metadata.get("num_steps", 50))
     guidance_scale = (
         guidance_scale if guidance_scale is not None else float(metadata.get("guidance_scale", 5))

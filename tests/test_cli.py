@@ -113,6 +113,36 @@ def test_sample_matches_plain_diffusers_and_differs_from_base(run_dir, tmp_path)
     assert np.abs(tuned.astype(int) - base.astype(int)).sum() > 0
 
 
+def test_sample_and_eval_default_to_the_gpu_in_half_precision(run_dir, tmp_path, monkeypatch):
+    """`sample` / `eval` without --device take the GPU where there is one, in bf16 (fp16 on a
+    card without bf16), fp32 on the CPU; --dtype bf16 runs on the CPU too (eval under autocast),
+    and its images are the fp32 ones to bf16's precision."""
+    from ddpo_lite.sample import inference_device, inference_dtype
+
+    assert inference_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert inference_device(None) == "cuda" and inference_dtype("auto", "cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert inference_dtype("auto", "cuda:1") == torch.bfloat16
+    assert inference_dtype("auto", "cpu") == torch.float32
+    assert inference_dtype("fp16", "cpu") == torch.float16
+    monkeypatch.undo()
+
+    images = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        args = ["sample", "--lora", str(run_dir / "lora"), "--prompt", "a cat", "--num", "1"]
+        assert main([*args, "--dtype", dtype, "--output", str(out)]) == 0
+        images[dtype] = np.asarray(Image.open(next(out.glob("000_00_*.png")))).astype(int)
+    assert 0 < np.abs(images["bf16"] - images["fp32"]).mean() < 8  # bf16 applied, and close
+
+    prompts = tmp_path / "animals.txt"
+    prompts.write_text("a cat\na dog\n")
+    args = ["eval", "--lora", str(run_dir / "lora"), "--prompts", str(prompts), "--num", "1"]
+    assert main([*args, "--dtype", "bf16"]) == 0
+
+
 def test_resume_from_the_command_line_extends_a_run(run_dir, tmp_path, capsys):
     import shutil
 
