@@ -131,6 +131,7 @@ def _sample(args: argparse.Namespace) -> int:
         output=args.output,
         device=args.device,
         dtype=args.dtype,
+        quantize=args.quantize,
     )
     _out.print(f"{len(result.paths)} images and {result.grid} written to {args.output}")
     return 0
@@ -331,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", help=DEVICE_HELP)
     sample.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     sample.add_argument(
+        "--quantize",
+        choices=("none", "nf4", "int8", "fp8"),
+        default="none",
+        help="the frozen denoiser's weights, as training's memory.quantize_base (nf4 / int8: a "
+        "GPU with bitsandbytes; fp8: storage only, any device)",
+    )
+    sample.add_argument(
         "--output", default="samples", metavar="DIR", help="output folder (default: samples)"
     )
     sample.set_defaults(func=_sample)
@@ -429,6 +437,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if _is_user_error(err):
             _err.print(f"[red]error:[/red] {_escape(err)}", highlight=False)
+            return 2
+        import torch
+
+        if isinstance(err, torch.OutOfMemoryError):  # sample / eval (a training run says more)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+            _err.print(
+                f"[red]error:[/red] {_escape(first)}; use less memory: fewer images at once "
+                "(--num), --quantize nf4 or fp8 for the denoiser (sample), --dtype bf16 / fp16",
+                highlight=False,
+            )
             return 2
         raise
 

@@ -27,6 +27,10 @@ from ddpo_lite.run_files import check_output_folder
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+#: `--quantize` choices: the denoiser's frozen weights as training's `memory.quantize_base`.
+QUANTIZE = ("none", "nf4", "int8", "fp8")
+
+
 def inference_device(device: str | None) -> str:
     """`device` as given, else the GPU where this machine has one, else the CPU."""
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,9 +74,11 @@ def load_with_lora(
     model: str | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    quantize: str = "none",
 ):
-    """The base pipeline named in the LoRA's metadata (or `model`), with the LoRA loaded, moved
-    to `device` and cast to `dtype` (None: as loaded).
+    """The base pipeline named in the LoRA's metadata (or `model`), loaded in `dtype` (None:
+    float32) with its denoiser quantized as `quantize` (`load_for_inference`), the LoRA loaded,
+    on `device`.
 
     Checks that every module in the file was attached: a LoRA whose keys do not match the UNet
     is an error, not a silent no-op.
@@ -86,7 +92,8 @@ def load_with_lora(
             f"LoRA {str(file)!r} does not record its base model (not made by ddpo-lite?): "
             "pass --model"
         )
-    pipe = load_pipeline(base, family="auto" if model else metadata.get("family", "auto"))
+    family = "auto" if model else metadata.get("family", "auto")
+    pipe = load_for_inference(base, family, dtype, quantize)
     trained_on = metadata.get("family")
     if trained_on:
         from ddpo_lite.families import family_of
@@ -117,12 +124,25 @@ def load_with_lora(
             f"LoRA {str(file)!r}: only {attached} of its {expected} modules matched the {type(denoiser).__name__} of "
             f"{base!r} (a LoRA for another model?)"
         )
-    return _placed(pipe, device, dtype), metadata
+    if quantize == "fp8":  # after the LoRA: diffusers leaves peft's layers in compute dtype
+        from ddpo_lite.models.memory import FP8_STORAGE
+
+        compute = dtype or torch.float32
+        denoiser.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=compute)
+    return (pipe.to(device) if device else pipe), metadata
 
 
-def _placed(pipe, device: str | None, dtype: torch.dtype | None):
-    moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    return pipe.to(**moves) if moves else pipe
+def load_for_inference(base: str, family: str, dtype: torch.dtype | None, quantize: str):
+    """`load_pipeline(base)` in `dtype`; `quantize` 'nf4' / 'int8' loads the denoiser through
+    diffusers' bitsandbytes config (a GPU with bitsandbytes), as training's
+    `memory.quantize_base` does ('fp8' storage is applied by `load_with_lora`)."""
+    memory = None
+    if quantize in ("nf4", "int8"):
+        from ddpo_lite.config import MemoryConfig
+
+        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+        memory = MemoryConfig(quantize_base=quantize, mixed_precision=precision, half_base=True)
+    return load_pipeline(base, family=family, torch_dtype=dtype, memory=memory)
 
 
 def _slug(text: str) -> str:
@@ -142,6 +162,7 @@ def sample(
     output: str | Path | None = None,
     device: str | None = None,
     dtype: str = "auto",
+    quantize: str = "none",
 ) -> SampleResult:
     """`num` images per prompt from the LoRA (or the bare base `model` when `lora` is None), on
     `device` (None: the GPU where there is one) in `dtype` (a `DTYPES` name or "auto").
@@ -155,11 +176,11 @@ def sample(
     device = inference_device(device)
     weights = inference_dtype(dtype, device)
     if lora is not None:
-        pipe, metadata = load_with_lora(lora, model, device, weights)
+        pipe, metadata = load_with_lora(lora, model, device, weights, quantize)
     else:
         if not model:
             raise ValueError("give a LoRA or a model")
-        pipe, metadata = _placed(load_pipeline(model), device, weights), {}
+        pipe, metadata = load_for_inference(model, "auto", weights, quantize).to(device), {}
     steps = steps or int(metadata.get("num_steps", 50))
     guidance_scale = (
         guidance_scale if guidance_scale is not None else float(metadata.get("guidance_scale", 5))

@@ -143,6 +143,37 @@ def test_sample_and_eval_default_to_the_gpu_in_half_precision(run_dir, tmp_path,
     assert main([*args, "--dtype", "bf16"]) == 0
 
 
+def test_sample_quantizes_the_frozen_denoiser_as_training_does(run_dir, tmp_path, capsys):
+    """--quantize fp8 stores the denoiser's frozen weights in float8 (the LoRA kept in the compute
+    dtype): images close to the fp32 ones, not equal; nf4 needs a GPU: one line here."""
+    images = {}
+    for quantize in ("none", "fp8"):
+        out = tmp_path / quantize
+        args = ["sample", "--lora", str(run_dir / "lora"), "--prompt", "a cat", "--num", "1"]
+        assert main([*args, "--quantize", quantize, "--output", str(out)]) == 0
+        images[quantize] = np.asarray(Image.open(next(out.glob("000_00_*.png")))).astype(int)
+    assert 0 < np.abs(images["fp8"] - images["none"]).mean() < 8
+    capsys.readouterr()
+    args = ["sample", "--lora", str(run_dir / "lora"), "--prompt", "a cat", "--quantize", "nf4"]
+    assert main([*args, "--output", str(tmp_path / "nf4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nf4" in err and "Traceback" not in err
+
+
+def test_sample_out_of_memory_is_one_line_with_what_to_do(run_dir, tmp_path, capsys, monkeypatch):
+    import ddpo_lite.sample
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+    monkeypatch.setattr(ddpo_lite.sample, "load_with_lora", out_of_memory)
+    args = ["sample", "--lora", str(run_dir / "lora"), "--prompt", "a cat"]
+    assert main([*args, "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Tried to allocate 20.00 GiB" in err
+    assert "--quantize nf4" in err and "--num" in err
+
+
 def test_resume_from_the_command_line_extends_a_run(run_dir, tmp_path, capsys):
     import shutil
 

@@ -336,10 +336,24 @@ def _check_layout(folder: Path, family: str = "auto"):
     return found
 
 
+def _takes_dtype() -> bool:
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: Whether `from_pretrained` takes `dtype` (newer diffusers) or only `torch_dtype`.
+_TAKES_DTYPE = _takes_dtype()
+
+
 def _pipeline_kwargs(found, kwargs: dict[str, Any], index: dict | None = None) -> dict[str, Any]:
     """SD 1.x pipelines take no safety checker (it is never loaded); SDXL has none. An optional
     component model_index.json leaves out (SD3 without T5) is passed as None, as diffusers needs."""
     kwargs = _resolve_options(found, kwargs)
+    if "torch_dtype" in kwargs and _TAKES_DTYPE:  # newer diffusers deprecate torch_dtype
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
     if found.name == "sd1":
         return {"safety_checker": None, "requires_safety_checker": False, **kwargs}
     absent = {
