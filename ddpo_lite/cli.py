@@ -334,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--quantize",
         choices=("none", "nf4", "int8", "fp8"),
-        default="none",
         help="the frozen denoiser's weights, as training's memory.quantize_base (nf4 / int8: a "
-        "GPU with bitsandbytes; fp8: storage only, any device)",
+        "GPU with bitsandbytes; fp8: storage only, any device; default: as trained on a GPU, "
+        "none on the CPU)",
     )
     sample.add_argument(
         "--output", default="samples", metavar="DIR", help="output folder (default: samples)"

@@ -292,6 +292,7 @@ def lora_metadata(config: Config, reward_name: str | None = None) -> dict:
         "num_steps": config.sample.num_steps,
         "guidance_scale": config.sample.guidance_scale,
         "eta": config.sample.eta,
+        "quantize_base": config.memory.quantize_base,  # `sample` loads the base the same way
         "version": __version__,
     }
     if kind != "function":

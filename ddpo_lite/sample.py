@@ -132,6 +132,15 @@ def load_with_lora(
     return (pipe.to(device) if device else pipe), metadata
 
 
+def trained_quantization(lora: str | Path, device: str) -> str:
+    """The base's quantization the LoRA was trained on (its metadata), where `device` is a GPU
+    (bitsandbytes' NF4 / int8 need one); 'none' elsewhere."""
+    recorded = read_lora_metadata(read_lora_file(lora).path).get("quantize_base", "none")
+    if recorded not in QUANTIZE or torch.device(device).type != "cuda":
+        return "none"
+    return recorded
+
+
 def load_for_inference(base: str, family: str, dtype: torch.dtype | None, quantize: str):
     """`load_pipeline(base)` in `dtype`; `quantize` 'nf4' / 'int8' loads the denoiser through
     diffusers' bitsandbytes config (a GPU with bitsandbytes), as training's
@@ -162,10 +171,11 @@ def sample(
     output: str | Path | None = None,
     device: str | None = None,
     dtype: str = "auto",
-    quantize: str = "none",
+    quantize: str | None = None,
 ) -> SampleResult:
     """`num` images per prompt from the LoRA (or the bare base `model` when `lora` is None), on
-    `device` (None: the GPU where there is one) in `dtype` (a `DTYPES` name or "auto").
+    `device` (None: the GPU where there is one) in `dtype` (a `DTYPES` name or "auto"), the
+    frozen denoiser stored as `quantize` (None: as the LoRA was trained, on a GPU; else none).
 
     Steps, guidance, eta, resolution and a flow model's text tokens (`model.max_sequence_length`)
     default to the ones the LoRA was trained with. With `output`, writes
@@ -176,10 +186,13 @@ def sample(
     device = inference_device(device)
     weights = inference_dtype(dtype, device)
     if lora is not None:
+        if quantize is None:
+            quantize = trained_quantization(lora, device)
         pipe, metadata = load_with_lora(lora, model, device, weights, quantize)
     else:
         if not model:
             raise ValueError("give a LoRA or a model")
+        quantize = quantize or "none"
         pipe, metadata = load_for_inference(model, "auto", weights, quantize).to(device), {}
     steps = steps or int(metadata.get("num_steps", 50))
     guidance_scale = (

@@ -160,6 +160,26 @@ def test_sample_quantizes_the_frozen_denoiser_as_training_does(run_dir, tmp_path
     assert len(err.splitlines()) == 1 and "nf4" in err and "Traceback" not in err
 
 
+def test_sample_loads_the_base_quantized_as_trained_where_it_can(run_dir, tmp_path):
+    """The LoRA records its run's memory.quantize_base; `sample` without --quantize loads the
+    base the same way on a GPU, and unquantized on the CPU (NF4 / int8 need a GPU)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ddpo_lite.models.lora import LORA_WEIGHT_NAME
+    from ddpo_lite.sample import trained_quantization
+
+    assert read_lora_metadata(run_dir / "lora")["quantize_base"] == "none"
+    with safe_open(run_dir / "lora" / LORA_WEIGHT_NAME, framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        header = dict(f.metadata())
+    header["ddpo_lite.quantize_base"] = "nf4"
+    save_file(tensors, tmp_path / "nf4.safetensors", metadata=header)
+    assert trained_quantization(tmp_path / "nf4.safetensors", "cuda:0") == "nf4"
+    assert trained_quantization(tmp_path / "nf4.safetensors", "cpu") == "none"
+    assert trained_quantization(run_dir / "lora", "cuda") == "none"
+
+
 def test_sample_out_of_memory_is_one_line_with_what_to_do(run_dir, tmp_path, capsys, monkeypatch):
     import ddpo_lite.sample
 

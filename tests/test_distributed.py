@@ -5,7 +5,7 @@ on a flow model with the KL to the base (a forward with the LoRA off inside the 
 the one-step log-prob-free update (NFT: the whole epoch accumulated under no_sync)."""
 
 import os
-import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,29 +26,32 @@ OVERRIDES = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: torchrun's own free port (--standalone: its rendezvous binds port 0 itself), so that two runs
+#: never race for a port picked beforehand; the runs are one xdist group (one at a time).
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+pytestmark = pytest.mark.xdist_group("torchrun")
 
 
-def run(command: list[str], out: Path) -> None:
+def run(command: list[str], out: Path, timeout: float = 300) -> None:
+    """Run `command`; a run past `timeout` is killed with its workers and its output shown."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{command[2:5]} ran past {timeout:.0f} s:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
 
 
 def _two_ranks(tmp_path, overrides: list[str]) -> dict[str, torch.Tensor]:
     out = tmp_path / "two"
     out.mkdir()
-    run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            str(WORKER), str(out), *overrides,
-        ],
-        out,
-    )  # fmt: skip
+    run([*TORCHRUN, str(WORKER), str(out), *overrides], out)
     # both processes really ran: one LoRA file per rank
     assert sorted(p.name for p in out.glob("rank*.safetensors")) == [
         "rank0.safetensors",
