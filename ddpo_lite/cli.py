@@ -35,6 +35,12 @@ DTYPE_HELP = (
     "the models' weights (default auto: bf16 on a GPU, fp16 where it has no bf16; fp32 on cpu)"
 )
 
+QUANTIZE_CHOICES = ("none", "nf4", "int8", "fp8")
+QUANTIZE_HELP = (
+    "the frozen denoiser's weights, as training's memory.quantize_base (nf4 / int8: a GPU with "
+    "bitsandbytes; fp8: storage only, any device; default: as trained on a GPU, none on the CPU)"
+)
+
 
 class UsageError(Exception):
     """A command-line mistake; printed as one line with exit status 2."""
@@ -170,6 +176,7 @@ def _eval(args: argparse.Namespace) -> int:
         steps=args.steps,
         device=args.device,
         dtype=args.dtype,
+        quantize=args.quantize,
     )
     table = Table(title="held-out evaluation" + (f": {args.lora}" if args.lora else ""))
     if tuned is None:
@@ -331,13 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance-scale", type=float, help="CFG scale (default: as trained)")
     sample.add_argument("--device", help=DEVICE_HELP)
     sample.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
-    sample.add_argument(
-        "--quantize",
-        choices=("none", "nf4", "int8", "fp8"),
-        help="the frozen denoiser's weights, as training's memory.quantize_base (nf4 / int8: a "
-        "GPU with bitsandbytes; fp8: storage only, any device; default: as trained on a GPU, "
-        "none on the CPU)",
-    )
+    sample.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     sample.add_argument(
         "--output", default="samples", metavar="DIR", help="output folder (default: samples)"
     )
@@ -367,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int, help="DDIM steps (default: as trained)")
     evaluate.add_argument("--device", help=DEVICE_HELP)
     evaluate.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
+    evaluate.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     evaluate.set_defaults(func=_eval)
 
     export = commands.add_parser(

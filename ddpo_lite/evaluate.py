@@ -234,6 +234,7 @@ def evaluate_lora(
     steps: int | None = None,
     device: str | None = None,
     dtype: str = "auto",
+    quantize: str | None = None,
 ) -> tuple[dict[str, GroupResult], dict[str, GroupResult] | None]:
     """Evaluate the base model and, with `lora`, the tuned one on the same noise.
 
@@ -243,21 +244,32 @@ def evaluate_lora(
     run's config.toml beside the LoRA folder, else of its preset, else 4 images per prompt and
     seed 20231. Runs on `device` (None: the GPU where there is one) with weights in `dtype` (as
     `ddpo-lite sample`: "auto" is bf16 or fp16 on a GPU, fp32 on the CPU), under autocast when
-    they are not fp32. Returns (base results, tuned results or None).
+    they are not fp32, the frozen denoiser stored as `quantize` (None: as the LoRA was trained,
+    on a GPU). Returns (base results, tuned results or None).
     """
     from ddpo_lite.config import Config, EvalConfig, load_config
     from ddpo_lite.families import family_of
-    from ddpo_lite.models import load_pipeline
     from ddpo_lite.rewards.compose import build_reward
-    from ddpo_lite.sample import inference_device, inference_dtype, load_with_lora
+    from ddpo_lite.sample import (
+        inference_device,
+        inference_dtype,
+        load_for_inference,
+        load_with_lora,
+        store_in_fp8,
+        trained_quantization,
+    )
     from ddpo_lite.trainer import make_policy
 
     device = inference_device(device)
     weights = inference_dtype(dtype, device)
     if lora is not None:
-        pipe, metadata = load_with_lora(lora, model, device, weights)
+        quantize = quantize or trained_quantization(lora, device)
+        pipe, metadata = load_with_lora(lora, model, device, weights, quantize)
     elif model:
-        pipe, metadata = load_pipeline(model).to(device=device, dtype=weights), {}
+        quantize = quantize or "none"
+        pipe, metadata = load_for_inference(model, "auto", weights, quantize), {}
+        store_in_fp8(pipe, quantize, weights)
+        pipe.to(device)
     else:
         raise ConfigError("give a LoRA, or a --model to evaluate the base model alone")
     if weights == torch.float16 and family_of(pipe).vae_fp32_in_fp16:

@@ -124,12 +124,22 @@ def load_with_lora(
             f"LoRA {str(file)!r}: only {attached} of its {expected} modules matched the {type(denoiser).__name__} of "
             f"{base!r} (a LoRA for another model?)"
         )
-    if quantize == "fp8":  # after the LoRA: diffusers leaves peft's layers in compute dtype
-        from ddpo_lite.models.memory import FP8_STORAGE
-
-        compute = dtype or torch.float32
-        denoiser.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=compute)
+    store_in_fp8(pipe, quantize, dtype)  # after the LoRA, which it leaves in compute dtype
     return (pipe.to(device) if device else pipe), metadata
+
+
+def store_in_fp8(pipe, quantize: str, dtype: torch.dtype | None) -> None:
+    """`quantize` 'fp8': the denoiser's frozen weights stored in float8, each layer upcast to
+    `dtype` for its forward (diffusers' layerwise casting, which skips peft's LoRA layers)."""
+    if quantize != "fp8":
+        return
+    from ddpo_lite.families import family_of
+    from ddpo_lite.models.memory import FP8_STORAGE
+
+    denoiser = family_of(pipe).denoiser(pipe)
+    denoiser.enable_layerwise_casting(
+        storage_dtype=FP8_STORAGE, compute_dtype=dtype or torch.float32
+    )
 
 
 def trained_quantization(lora: str | Path, device: str) -> str:
@@ -144,7 +154,7 @@ def trained_quantization(lora: str | Path, device: str) -> str:
 def load_for_inference(base: str, family: str, dtype: torch.dtype | None, quantize: str):
     """`load_pipeline(base)` in `dtype`; `quantize` 'nf4' / 'int8' loads the denoiser through
     diffusers' bitsandbytes config (a GPU with bitsandbytes), as training's
-    `memory.quantize_base` does ('fp8' storage is applied by `load_with_lora`)."""
+    `memory.quantize_base` does ('fp8' storage comes after the LoRA: `store_in_fp8`)."""
     memory = None
     if quantize in ("nf4", "int8"):
         from ddpo_lite.config import MemoryConfig
@@ -193,7 +203,9 @@ def sample(
         if not model:
             raise ValueError("give a LoRA or a model")
         quantize = quantize or "none"
-        pipe, metadata = load_for_inference(model, "auto", weights, quantize).to(device), {}
+        pipe, metadata = load_for_inference(model, "auto", weights, quantize), {}
+        store_in_fp8(pipe, quantize, weights)
+        pipe.to(device)
     steps = steps or int(metadata.get("num_steps", 50))
     guidance_scale = (
         guidance_scale if guidance_scale is not None else float(metadata.get("guidance_scale", 5))

@@ -153,6 +153,18 @@ def test_sample_quantizes_the_frozen_denoiser_as_training_does(run_dir, tmp_path
         assert main([*args, "--quantize", quantize, "--output", str(out)]) == 0
         images[quantize] = np.asarray(Image.open(next(out.glob("000_00_*.png")))).astype(int)
     assert 0 < np.abs(images["fp8"] - images["none"]).mean() < 8
+    # the base alone too, and eval (its own rollout) on the fp8 base
+    base = {}
+    for quantize in ("none", "fp8"):
+        out = tmp_path / f"base-{quantize}"
+        args = ["sample", "--model", "tiny", "--prompt", "a cat", "--num", "1", "--steps", "3"]
+        assert main([*args, "--quantize", quantize, "--output", str(out)]) == 0
+        base[quantize] = np.asarray(Image.open(next(out.glob("000_00_*.png")))).astype(int)
+    assert 0 < np.abs(base["fp8"] - base["none"]).mean() < 8
+    prompts = tmp_path / "animals.txt"
+    prompts.write_text("a cat\n")
+    args = ["eval", "--lora", str(run_dir / "lora"), "--prompts", str(prompts), "--num", "1"]
+    assert main([*args, "--quantize", "fp8"]) == 0
     capsys.readouterr()
     args = ["sample", "--lora", str(run_dir / "lora"), "--prompt", "a cat", "--quantize", "nf4"]
     assert main([*args, "--output", str(tmp_path / "nf4")]) == 2
