@@ -806,20 +806,49 @@ class OutOfMemoryStop(RuntimeError):
     """The accelerator ran out of memory: the run stopped, its last checkpoint intact."""
 
 
-def _leaner_settings(config: Config) -> list[str]:
-    """The memory levers this config has off, cheapest first (as `--vram` tries them)."""
+#: Per phase of a run, the levers that lower its memory, cheapest first (as `--vram` orders them).
+PHASE_LEVERS = {
+    "loading the models": ("half_base", "offload_text_encoder", "encode_on_cpu", "quantize"),
+    "sampling and scoring": (
+        "attention", "overlap", "offload_reward", "vae_slicing", "offload_trajectory", "quantize",
+    ),
+    "measuring the KL to the base": ("attention", "offload_trajectory", "quantize"),
+    "training": (
+        "attention", "checkpointing", "micro_batch", "chunk", "offload_trajectory", "quantize",
+    ),
+    "the held-out evaluation": ("attention", "offload_reward", "vae_slicing", "quantize"),
+}  # fmt: skip
+
+
+def _leaner_settings(config: Config, phase: str) -> list[str]:
+    """The memory levers that lower `phase`'s memory and this config has off, cheapest first
+    (every lever for another phase)."""
     memory, train = config.memory, config.train
-    options = [
-        (memory.attention == "math", "memory.attention='sdpa'"),
-        (not memory.gradient_checkpointing, "memory.gradient_checkpointing=true"),
-        (train.micro_batch_size != 1 and train.batch_size > 1, "train.micro_batch_size=1"),
-        (train.timestep_chunk != 1, "train.timestep_chunk=1"),
-        (config.reward.overlap, "reward.overlap=false"),
-        (not memory.offload_reward, "memory.offload_reward=true"),
-        (not memory.offload_trajectory, "memory.offload_trajectory=true"),
-        (memory.quantize_base == "none", "memory.quantize_base='nf4'"),
-    ]
-    return [setting for is_off, setting in options if is_off]
+    levers = {  # name: (off in this config, the setting that turns it on)
+        "half_base": (
+            not memory.half_base and memory.mixed_precision != "no",
+            "memory.half_base=true",
+        ),
+        "offload_text_encoder": (
+            not memory.offload_text_encoder,
+            "memory.offload_text_encoder=true",
+        ),
+        "encode_on_cpu": (not memory.encode_on_cpu, "memory.encode_on_cpu=true"),
+        "attention": (memory.attention == "math", "memory.attention='sdpa'"),
+        "checkpointing": (not memory.gradient_checkpointing, "memory.gradient_checkpointing=true"),
+        "micro_batch": (
+            train.micro_batch_size != 1 and train.batch_size > 1,
+            "train.micro_batch_size=1",
+        ),
+        "chunk": (train.timestep_chunk != 1, "train.timestep_chunk=1"),
+        "overlap": (config.reward.overlap, "reward.overlap=false"),
+        "offload_reward": (not memory.offload_reward, "memory.offload_reward=true"),
+        "vae_slicing": (not memory.vae_slicing, "memory.vae_slicing=true"),
+        "offload_trajectory": (not memory.offload_trajectory, "memory.offload_trajectory=true"),
+        "quantize": (memory.quantize_base == "none", "memory.quantize_base='nf4'"),
+    }
+    names = PHASE_LEVERS.get(phase, tuple(levers))
+    return [levers[name][1] for name in names if levers[name][0]]
 
 
 def out_of_memory_message(phase: str, epoch: int, config: Config, device: torch.device) -> str:
@@ -852,7 +881,7 @@ def out_of_memory_message(phase: str, epoch: int, config: Config, device: torch.
         text += f"memory: the same command with `--overwrite{budget}`"
     if budget:
         text += f" (--vram picks the memory levers from the estimate; {vram} GB leaves room)"
-    levers = _leaner_settings(config)
+    levers = _leaner_settings(config, phase)
     if levers:
         text += f", or --set one of {', '.join(levers[:4])}"
     return text + " (`ddpo-lite bench --estimate` shows where the memory goes)"
