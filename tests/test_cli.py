@@ -113,6 +113,12 @@ def test_sample_matches_plain_diffusers_and_differs_from_base(run_dir, tmp_path)
     assert np.abs(tuned.astype(int) - base.astype(int)).sum() > 0
 
 
+def _one_image(out: Path, *args: str) -> np.ndarray:
+    """`ddpo-lite sample ARGS` of one image of "a cat" into `out`, read back as integers."""
+    assert main(["sample", *args, "--prompt", "a cat", "--num", "1", "--output", str(out)]) == 0
+    return np.asarray(Image.open(next(out.glob("000_00_*.png")))).astype(int)
+
+
 def test_sample_and_eval_default_to_the_gpu_in_half_precision(run_dir, tmp_path, monkeypatch):
     """`sample` / `eval` without --device take the GPU where there is one, in bf16 (fp16 on a
     card without bf16), fp32 on the CPU; --dtype bf16 runs on the CPU too (eval under autocast),
@@ -129,13 +135,9 @@ def test_sample_and_eval_default_to_the_gpu_in_half_precision(run_dir, tmp_path,
     assert inference_dtype("fp16", "cpu") == torch.float16
     monkeypatch.undo()
 
-    images = {}
-    for dtype in ("fp32", "bf16"):
-        out = tmp_path / dtype
-        args = ["sample", "--lora", str(run_dir / "lora"), "--prompt", "a cat", "--num", "1"]
-        assert main([*args, "--dtype", dtype, "--output", str(out)]) == 0
-        images[dtype] = np.asarray(Image.open(next(out.glob("000_00_*.png")))).astype(int)
-    assert 0 < np.abs(images["bf16"] - images["fp32"]).mean() < 8  # bf16 applied, and close
+    lora = ["--lora", str(run_dir / "lora")]
+    fp32, bf16 = (_one_image(tmp_path / d, *lora, "--dtype", d) for d in ("fp32", "bf16"))
+    assert 0 < np.abs(bf16 - fp32).mean() < 8  # bf16 applied, and close
 
     prompts = tmp_path / "animals.txt"
     prompts.write_text("a cat\na dog\n")
@@ -146,21 +148,13 @@ def test_sample_and_eval_default_to_the_gpu_in_half_precision(run_dir, tmp_path,
 def test_sample_quantizes_the_frozen_denoiser_as_training_does(run_dir, tmp_path, capsys):
     """--quantize fp8 stores the denoiser's frozen weights in float8 (the LoRA kept in the compute
     dtype): images close to the fp32 ones, not equal; nf4 needs a GPU: one line here."""
-    images = {}
-    for quantize in ("none", "fp8"):
-        out = tmp_path / quantize
-        args = ["sample", "--lora", str(run_dir / "lora"), "--prompt", "a cat", "--num", "1"]
-        assert main([*args, "--quantize", quantize, "--output", str(out)]) == 0
-        images[quantize] = np.asarray(Image.open(next(out.glob("000_00_*.png")))).astype(int)
-    assert 0 < np.abs(images["fp8"] - images["none"]).mean() < 8
-    # the base alone too, and eval (its own rollout) on the fp8 base
-    base = {}
-    for quantize in ("none", "fp8"):
-        out = tmp_path / f"base-{quantize}"
-        args = ["sample", "--model", "tiny", "--prompt", "a cat", "--num", "1", "--steps", "3"]
-        assert main([*args, "--quantize", quantize, "--output", str(out)]) == 0
-        base[quantize] = np.asarray(Image.open(next(out.glob("000_00_*.png")))).astype(int)
-    assert 0 < np.abs(base["fp8"] - base["none"]).mean() < 8
+    for source in (["--lora", str(run_dir / "lora")], ["--model", "tiny", "--steps", "3"]):
+        name = source[0][2:]  # a LoRA, and the base alone
+        none, fp8 = (
+            _one_image(tmp_path / f"{name}-{q}", *source, "--quantize", q) for q in ("none", "fp8")
+        )
+        assert 0 < np.abs(fp8 - none).mean() < 8
+    # eval (its own rollout) on the fp8 base
     prompts = tmp_path / "animals.txt"
     prompts.write_text("a cat\n")
     args = ["eval", "--lora", str(run_dir / "lora"), "--prompts", str(prompts), "--num", "1"]
