@@ -178,7 +178,11 @@ def resumed_config(old_text: str, new_text: str, epoch: int) -> tuple[str, list[
     The new text keeps the old file's `# resumed at ...` lines and adds one for this resume when
     anything changed, so the file says which epochs ran with which settings (TOML ignores them).
     """
-    old, new = _flat(tomllib.loads(old_text)), _flat(tomllib.loads(new_text))
+    try:
+        old = _flat(tomllib.loads(old_text))
+    except tomllib.TOMLDecodeError:  # a damaged file (the API resumes without reading it)
+        return new_text, []
+    new = _flat(tomllib.loads(new_text))
     old.pop("output_dir", None)  # the folder resumed from, wherever it was moved: not a setting
     new.pop("output_dir", None)
     changed = [

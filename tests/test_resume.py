@@ -463,6 +463,7 @@ def test_each_resume_that_changes_settings_is_kept_in_config_toml():
         "# resumed at epoch 4 with reward.weights.b '(unset)' -> 2",
     ]
     assert tomllib.loads(text) == tomllib.loads(third)
+    assert resumed_config("num_epochs = [", third, 6) == (third, [])  # damaged: rewritten whole
 
 
 OOM_REWARD = """
