@@ -253,9 +253,8 @@ def evaluate_lora(
     from ddpo_lite.sample import (
         inference_device,
         inference_dtype,
-        load_for_inference,
+        load_base,
         load_with_lora,
-        store_in_fp8,
         trained_quantization,
     )
     from ddpo_lite.trainer import make_policy
@@ -266,10 +265,7 @@ def evaluate_lora(
         quantize = quantize or trained_quantization(lora, device)
         pipe, metadata = load_with_lora(lora, model, device, weights, quantize)
     elif model:
-        quantize = quantize or "none"
-        pipe, metadata = load_for_inference(model, "auto", weights, quantize), {}
-        store_in_fp8(pipe, quantize, weights)
-        pipe.to(device)
+        pipe, metadata = load_base(model, device, weights, quantize or "none"), {}
     else:
         raise ConfigError("give a LoRA, or a --model to evaluate the base model alone")
     if weights == torch.float16 and family_of(pipe).vae_fp32_in_fp16:

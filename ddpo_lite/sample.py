@@ -151,6 +151,13 @@ def trained_quantization(lora: str | Path, device: str) -> str:
     return recorded
 
 
+def load_base(model: str, device: str, dtype: torch.dtype | None, quantize: str):
+    """The base pipeline `model` alone (no LoRA), as `load_with_lora` loads one."""
+    pipe = load_for_inference(model, "auto", dtype, quantize)
+    store_in_fp8(pipe, quantize, dtype)
+    return pipe.to(device)
+
+
 def load_for_inference(base: str, family: str, dtype: torch.dtype | None, quantize: str):
     """`load_pipeline(base)` in `dtype`; `quantize` 'nf4' / 'int8' loads the denoiser through
     diffusers' bitsandbytes config (a GPU with bitsandbytes), as training's
@@ -202,10 +209,7 @@ def sample(
     else:
         if not model:
             raise ValueError("give a LoRA or a model")
-        quantize = quantize or "none"
-        pipe, metadata = load_for_inference(model, "auto", weights, quantize), {}
-        store_in_fp8(pipe, quantize, weights)
-        pipe.to(device)
+        pipe, metadata = load_base(model, device, weights, quantize or "none"), {}
     steps = steps or int(metadata.get("num_steps", 50))
     guidance_scale = (
         guidance_scale if guidance_scale is not None else float(metadata.get("guidance_scale", 5))
