@@ -40,6 +40,10 @@ QUANTIZE_HELP = (
     "the frozen denoiser's weights, as training's memory.quantize_base (nf4 / int8: a GPU with "
     "bitsandbytes; fp8: storage only, any device; default: as trained on a GPU, none on the CPU)"
 )
+OFFLOAD_HELP = (
+    "keep models on the CPU but while they run, so the GPU holds the largest, not all (default: "
+    "only where they do not all fit in its free memory)"
+)
 
 
 class UsageError(Exception):
@@ -138,6 +142,7 @@ def _sample(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,
+        offload=args.offload,
     )
     _out.print(f"{len(result.paths)} images and {result.grid} written to {args.output}")
     return 0
@@ -177,6 +182,7 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,
+        offload=args.offload,
     )
     table = Table(title="held-out evaluation" + (f": {args.lora}" if args.lora else ""))
     if tuned is None:
@@ -339,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", help=DEVICE_HELP)
     sample.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     sample.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    sample.add_argument("--offload", action=argparse.BooleanOptionalAction, help=OFFLOAD_HELP)
     sample.add_argument(
         "--output", default="samples", metavar="DIR", help="output folder (default: samples)"
     )
@@ -369,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help=DEVICE_HELP)
     evaluate.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     evaluate.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    evaluate.add_argument(
+        "--offload",
+        action=argparse.BooleanOptionalAction,
+        help="keep the text encoders on the CPU but while they encode (default: only where the "
+        "models do not all fit in the GPU's free memory)",
+    )
     evaluate.set_defaults(func=_eval)
 
     export = commands.add_parser(
@@ -446,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
             _err.print(
                 f"[red]error:[/red] {_escape(first)}; use less memory: fewer images at once "
-                "(--num), --quantize nf4 or fp8 for the denoiser (sample), --dtype bf16 / fp16",
+                "(--num), --offload, --quantize nf4 or fp8 for the denoiser, --dtype bf16 / fp16",
                 highlight=False,
             )
             return 2

@@ -223,6 +223,24 @@ def _refuse_recorded_code(reward) -> None:
         )
 
 
+def place_for_eval(pipe, device: str, offload: bool) -> None:
+    """The pipeline's models on `device`; with `offload` the text encoders stay on the CPU (the
+    prompt encoder brings them to the device to encode each new prompt and back, as training's
+    `memory.offload_text_encoder`), so the card holds the denoiser, the VAE and the reward."""
+    from ddpo_lite.families import family_of
+
+    if not offload:
+        pipe.to(device)
+        return
+    kind = torch.device(device).type
+    stay = {id(m) for m in family_of(pipe).text_encoders(pipe)}
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module) or id(component) in stay:
+            continue
+        if any(p.device.type != kind for p in component.parameters()):  # not bitsandbytes'
+            component.to(device)
+
+
 def evaluate_lora(
     lora: str | Path | None,
     *,
@@ -235,6 +253,7 @@ def evaluate_lora(
     device: str | None = None,
     dtype: str = "auto",
     quantize: str | None = None,
+    offload: bool | None = None,
 ) -> tuple[dict[str, GroupResult], dict[str, GroupResult] | None]:
     """Evaluate the base model and, with `lora`, the tuned one on the same noise.
 
@@ -245,7 +264,8 @@ def evaluate_lora(
     seed 20231. Runs on `device` (None: the GPU where there is one) with weights in `dtype` (as
     `ddpo-lite sample`: "auto" is bf16 or fp16 on a GPU, fp32 on the CPU), under autocast when
     they are not fp32, the frozen denoiser stored as `quantize` (None: as the LoRA was trained,
-    on a GPU). Returns (base results, tuned results or None).
+    on a GPU), the text encoders on the CPU but while they encode with `offload` (None: where
+    the models do not all fit on the GPU). Returns (base results, tuned results or None).
     """
     from ddpo_lite.config import Config, EvalConfig, load_config
     from ddpo_lite.families import family_of
@@ -255,6 +275,7 @@ def evaluate_lora(
         inference_dtype,
         load_base,
         load_with_lora,
+        offload_needed,
         trained_quantization,
     )
     from ddpo_lite.trainer import make_policy
@@ -263,11 +284,13 @@ def evaluate_lora(
     weights = inference_dtype(dtype, device)
     if lora is not None:
         quantize = quantize or trained_quantization(lora, device)
-        pipe, metadata = load_with_lora(lora, model, device, weights, quantize)
+        pipe, metadata = load_with_lora(lora, model, weights, quantize)
     elif model:
-        pipe, metadata = load_base(model, device, weights, quantize or "none"), {}
+        pipe, metadata = load_base(model, weights, quantize or "none"), {}
     else:
         raise ConfigError("give a LoRA, or a --model to evaluate the base model alone")
+    offload = offload_needed(pipe, device, offload)
+    place_for_eval(pipe, device, offload)
     if weights == torch.float16 and family_of(pipe).vae_fp32_in_fp16:
         pipe.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16, as in training
     autocast = contextlib.nullcontext
@@ -303,7 +326,7 @@ def evaluate_lora(
     sampling.sample.eta = float(metadata.get("eta", 1.0))
     sampling.sample.resolution = int(metadata.get("resolution", 0))
     sampling.model.max_sequence_length = int(metadata.get("max_sequence_length", -1))
-    sampling.memory.offload_text_encoder = False
+    sampling.memory.offload_text_encoder = offload  # on the GPU only while they encode
     policy = make_policy(pipe, sampling, device, autocast=autocast)
     settings = dict(
         num_per_prompt=num_per_prompt or run_eval.num_per_prompt,

@@ -72,13 +72,12 @@ def _lora_module_count(unet: torch.nn.Module) -> int:
 def load_with_lora(
     lora: str | Path,
     model: str | None = None,
-    device: str | None = None,
     dtype: torch.dtype | None = None,
     quantize: str = "none",
 ):
     """The base pipeline named in the LoRA's metadata (or `model`), loaded in `dtype` (None:
-    float32) with its denoiser quantized as `quantize` (`load_for_inference`), the LoRA loaded,
-    on `device`.
+    float32) with its denoiser quantized as `quantize` (`load_for_inference`), the LoRA loaded;
+    on the CPU (bitsandbytes' weights where it put them): `place` puts it on the device.
 
     Checks that every module in the file was attached: a LoRA whose keys do not match the UNet
     is an error, not a silent no-op.
@@ -125,7 +124,7 @@ def load_with_lora(
             f"{base!r} (a LoRA for another model?)"
         )
     store_in_fp8(pipe, quantize, dtype)  # after the LoRA, which it leaves in compute dtype
-    return (pipe.to(device) if device else pipe), metadata
+    return pipe, metadata
 
 
 def store_in_fp8(pipe, quantize: str, dtype: torch.dtype | None) -> None:
@@ -151,10 +150,58 @@ def trained_quantization(lora: str | Path, device: str) -> str:
     return recorded
 
 
-def load_base(model: str, device: str, dtype: torch.dtype | None, quantize: str):
+def load_base(model: str, dtype: torch.dtype | None, quantize: str):
     """The base pipeline `model` alone (no LoRA), as `load_with_lora` loads one."""
     pipe = load_for_inference(model, "auto", dtype, quantize)
     store_in_fp8(pipe, quantize, dtype)
+    return pipe
+
+
+def weight_bytes_to_move(pipe, device: str) -> int:
+    """Bytes of the pipeline's weights (parameters and buffers) not on `device`'s kind yet
+    (bitsandbytes loads its quantized weights onto the GPU itself)."""
+    kind = torch.device(device).type
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            tensors = [*component.parameters(), *component.buffers()]
+            total += sum(t.numel() * t.element_size() for t in tensors if t.device.type != kind)
+    return total
+
+
+#: Free GPU memory an automatic `--offload` asks for, as a multiple of the weights to move.
+OFFLOAD_MARGIN = 1.25
+
+
+def offload_needed(pipe, device: str, offload: bool | None) -> bool:
+    """`offload` as asked; None (auto): on a GPU whose free memory is less than
+    `OFFLOAD_MARGIN` x the pipeline's weights still to move there (the margin: working memory)."""
+    if offload is not None:
+        return offload
+    if torch.device(device).type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    weights = weight_bytes_to_move(pipe, device)
+    if weights * OFFLOAD_MARGIN <= free:
+        return False
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"the models' {weights / 2**30:.1f} GiB do not all fit beside working memory in the "
+        f"GPU's {free / 2**30:.1f} GiB free: offloading (as --offload does; --no-offload keeps "
+        "them all on the GPU)",
+        highlight=False,
+    )
+    return True
+
+
+def place(pipe, device: str, offload: bool):
+    """`pipe` on `device`; `offload`: each model (text encoders, denoiser, VAE) moves onto it
+    only while it runs, one at a time (diffusers' `enable_model_cpu_offload`), so the card
+    holds the largest of them instead of all."""
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 
@@ -189,10 +236,12 @@ def sample(
     device: str | None = None,
     dtype: str = "auto",
     quantize: str | None = None,
+    offload: bool | None = None,
 ) -> SampleResult:
     """`num` images per prompt from the LoRA (or the bare base `model` when `lora` is None), on
     `device` (None: the GPU where there is one) in `dtype` (a `DTYPES` name or "auto"), the
-    frozen denoiser stored as `quantize` (None: as the LoRA was trained, on a GPU; else none).
+    frozen denoiser stored as `quantize` (None: as the LoRA was trained, on a GPU; else none),
+    the models taking turns on the device with `offload` (None: where they do not all fit).
 
     Steps, guidance, eta, resolution and a flow model's text tokens (`model.max_sequence_length`)
     default to the ones the LoRA was trained with. With `output`, writes
@@ -205,11 +254,12 @@ def sample(
     if lora is not None:
         if quantize is None:
             quantize = trained_quantization(lora, device)
-        pipe, metadata = load_with_lora(lora, model, device, weights, quantize)
+        pipe, metadata = load_with_lora(lora, model, weights, quantize)
     else:
         if not model:
             raise ValueError("give a LoRA or a model")
-        pipe, metadata = load_base(model, device, weights, quantize or "none"), {}
+        pipe, metadata = load_base(model, weights, quantize or "none"), {}
+    pipe = place(pipe, device, offload_needed(pipe, device, offload))
     steps = steps or int(metadata.get("num_steps", 50))
     guidance_scale = (
         guidance_scale if guidance_scale is not None else float(metadata.get("guidance_scale", 5))

@@ -186,6 +186,58 @@ def test_sample_loads_the_base_quantized_as_trained_where_it_can(run_dir, tmp_pa
     assert trained_quantization(run_dir / "lora", "cuda") == "none"
 
 
+def test_offload_keeps_models_off_the_gpu_but_while_they_run(
+    run_dir, tmp_path, capsys, monkeypatch
+):
+    """--offload: `sample` through diffusers' model CPU offload (same images, every model behind
+    an accelerate hook), `eval` with the text encoders kept off the device (same scores); without
+    the flag, offload only where the weights to move exceed the GPU's free memory / 1.25."""
+    import ddpo_lite.sample
+    from ddpo_lite.evaluate import place_for_eval
+    from ddpo_lite.models import load_pipeline
+    from ddpo_lite.sample import OFFLOAD_MARGIN, offload_needed, place, weight_bytes_to_move
+
+    placed = []
+
+    def spy(pipe, device, offload):
+        placed.append(pipe)
+        return place(pipe, device, offload)
+
+    monkeypatch.setattr(ddpo_lite.sample, "place", spy)
+    lora = ["--lora", str(run_dir / "lora")]
+    resident, offloaded = (
+        _one_image(tmp_path / f, *lora, f) for f in ("--no-offload", "--offload")
+    )
+    assert np.array_equal(resident, offloaded)
+    assert not hasattr(placed[0].unet, "_hf_hook")
+    assert all(hasattr(getattr(placed[1], n), "_hf_hook") for n in ("text_encoder", "unet", "vae"))
+
+    prompts = tmp_path / "animals.txt"
+    prompts.write_text("a cat\n")
+    args = ["eval", *lora, "--prompts", str(prompts), "--num", "1"]
+    tables, _ = [], capsys.readouterr()
+    for flag in ("--no-offload", "--offload"):
+        assert main([*args, flag]) == 0
+        tables.append(capsys.readouterr().out)
+    assert tables[0] == tables[1] and "animals" in tables[0]
+    pipe = load_pipeline("tiny:0")
+    place_for_eval(pipe, "meta", offload=True)  # a second device kind, without a GPU
+    assert pipe.text_encoder.device.type == "cpu"
+    assert pipe.unet.device.type == "meta" and pipe.vae.device.type == "meta"
+
+    pipe = load_pipeline("tiny:0")
+    weights = weight_bytes_to_move(pipe, "cuda")
+    parts = (pipe.unet, pipe.vae, pipe.text_encoder)
+    saved = sum(sum(t.nbytes for t in m.state_dict().values()) for m in parts)
+    assert saved <= weights < saved * 1.001  # and buffers not saved (CLIP's position ids)
+    assert weight_bytes_to_move(pipe, "cpu") == 0 and not offload_needed(pipe, "cpu", None)
+    for free, expected in ((weights * OFFLOAD_MARGIN * 0.99, True), (weights * 2, False)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (int(f), 2**40))
+        assert offload_needed(pipe, "cuda", None) is expected
+        assert offload_needed(pipe, "cuda", not expected) is not expected  # as asked
+    assert "do not all fit" in capsys.readouterr().err
+
+
 def test_sample_out_of_memory_is_one_line_with_what_to_do(run_dir, tmp_path, capsys, monkeypatch):
     import ddpo_lite.sample
 
@@ -197,7 +249,7 @@ def test_sample_out_of_memory_is_one_line_with_what_to_do(run_dir, tmp_path, cap
     assert main([*args, "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Tried to allocate 20.00 GiB" in err
-    assert "--quantize nf4" in err and "--num" in err
+    assert "--quantize nf4" in err and "--num" in err and "--offload" in err
 
 
 def test_resume_from_the_command_line_extends_a_run(run_dir, tmp_path, capsys):
