@@ -166,24 +166,27 @@ def _eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ddpo_lite.evaluate import compare, evaluate_lora
+    from ddpo_lite.trainer import progress_bars
 
     files = {Path(f).stem: f for f in args.prompts or []}
     if args.num is not None and args.num < 1:
         raise UsageError("--num must be at least 1")
     _check_device(args.device)
-    base, tuned = evaluate_lora(
-        args.lora,
-        model=args.model,
-        prompt_files=files,
-        reward_name=args.reward,
-        num_per_prompt=args.num,
-        seed=args.seed,
-        steps=args.steps,
-        device=args.device,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        offload=args.offload,
-    )
+    with progress_bars(_err, enabled=not args.quiet) as progress:
+        base, tuned = evaluate_lora(
+            args.lora,
+            model=args.model,
+            prompt_files=files,
+            reward_name=args.reward,
+            num_per_prompt=args.num,
+            seed=args.seed,
+            steps=args.steps,
+            device=args.device,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            offload=args.offload,
+            progress=progress,
+        )
     table = Table(title="held-out evaluation" + (f": {args.lora}" if args.lora else ""))
     if tuned is None:
         for column in ("group", "n", "base mean", "base std"):
@@ -376,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help=DEVICE_HELP)
     evaluate.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     evaluate.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.add_argument(
         "--offload",
         action=argparse.BooleanOptionalAction,

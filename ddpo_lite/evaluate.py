@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import Progress
 
 from ddpo_lite.config import ConfigError
 from ddpo_lite.drift import diversity
@@ -254,6 +255,7 @@ def evaluate_lora(
     dtype: str = "auto",
     quantize: str | None = None,
     offload: bool | None = None,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, GroupResult], dict[str, GroupResult] | None]:
     """Evaluate the base model and, with `lora`, the tuned one on the same noise.
 
@@ -265,7 +267,8 @@ def evaluate_lora(
     `ddpo-lite sample`: "auto" is bf16 or fp16 on a GPU, fp32 on the CPU), under autocast when
     they are not fp32, the frozen denoiser stored as `quantize` (None: as the LoRA was trained,
     on a GPU), the text encoders on the CPU but while they encode with `offload` (None: where
-    the models do not all fit on the GPU). Returns (base results, tuned results or None).
+    the models do not all fit on the GPU), a bar per model on `progress`. Returns (base
+    results, tuned results or None).
     """
     from ddpo_lite.config import Config, EvalConfig, load_config
     from ddpo_lite.families import family_of
@@ -332,10 +335,18 @@ def evaluate_lora(
         num_per_prompt=num_per_prompt or run_eval.num_per_prompt,
         seed=run_eval.seed if seed is None else seed,
     )
+    prompts = sum(len(group) for group in groups.values())
+
+    def bar(description: str) -> Callable[[], None]:
+        if progress is None:
+            return lambda: None
+        task = progress.add_task(description, total=prompts)
+        return lambda: progress.advance(task)
+
     if lora is None:
-        return evaluate(policy, groups, reward, **settings), None
+        return evaluate(policy, groups, reward, **settings, advance=bar("base model")), None
     pipe.disable_lora()
-    base = evaluate(policy, groups, reward, **settings)
+    base = evaluate(policy, groups, reward, **settings, advance=bar("base model"))
     pipe.enable_lora()
-    tuned = evaluate(policy, groups, reward, **settings)
+    tuned = evaluate(policy, groups, reward, **settings, advance=bar("with the LoRA"))
     return base, tuned

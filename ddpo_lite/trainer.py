@@ -361,7 +361,8 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _progress(console: Console, enabled: bool) -> Progress:
+def progress_bars(console: Console, enabled: bool) -> Progress:
+    """The bars a long job shows (a description, done / total, elapsed, eta); gone when done."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -443,7 +444,7 @@ def train(
     # reward.overlap), so that every wait on it is bounded and Ctrl-C stops the run
     executor = RewardWorker()
     try:
-        with _progress(loop.console, enabled) as progress:
+        with progress_bars(loop.console, enabled) as progress:
             loop.progress = progress
             if first_epoch == 0 and eval_groups:
                 loop.evaluate(0)  # the base model: the baseline every later evaluation beats
@@ -698,7 +699,7 @@ class TrainingLoop:
         if self.is_main:
             self.phase = "the held-out evaluation"
             config, run = self.config, self.run
-            progress = self.progress or _progress(self.console, False)
+            progress = self.progress or progress_bars(self.console, False)
             recompute = self.baseline_results is None and epochs_done
             prompts = sum(len(group) for group in self.eval_groups.values())
             what = "base model" if epochs_done == 0 else f"after epoch {epochs_done}"

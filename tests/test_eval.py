@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
+from rich.progress import Progress
 
 from ddpo_lite import trainer
 from ddpo_lite.cli import main
@@ -178,7 +179,7 @@ def test_a_resumed_run_sets_its_lora_beside_the_same_base_images(tmp_path, heldo
     )
 
 
-def test_eval_command_compares_base_and_tuned(tmp_path, heldout, capsys):
+def test_eval_command_compares_base_and_tuned(tmp_path, heldout, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["train", "--preset", "tiny", "--output", str(out), "--quiet"]
     for item in ("num_epochs=1", "sample.num_steps=3", "sample.num_batches_per_epoch=1"):
@@ -186,6 +187,13 @@ def test_eval_command_compares_base_and_tuned(tmp_path, heldout, capsys):
     argv += ["--set", "train.learning_rate=0.05", "--set", "log_with=[]"]
     assert main(argv) == 0
     capsys.readouterr()
+    bars = []
+
+    def progress_bars(console, enabled):
+        bars.append(Progress(console=console, disable=not enabled))
+        return bars[-1]
+
+    monkeypatch.setattr(trainer, "progress_bars", progress_bars)
     code = main(
         ["eval", "--lora", str(out / "lora"), "--prompts", heldout["animals"], "--num", "2"]
         + ["--prompts", heldout["objects"], "--steps", "3"]
@@ -193,6 +201,9 @@ def test_eval_command_compares_base_and_tuned(tmp_path, heldout, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert "animals" in printed and "objects" in printed and "tuned - base" in printed
+    # a bar per model, one step per prompt (2 + 2)
+    shown = [(t.description, t.completed, t.total) for t in bars[0].tasks]
+    assert shown == [("base model", 4, 4), ("with the LoRA", 4, 4)]
     assert main(["eval", "--model", "tiny", "--prompts", heldout["animals"], "--num", "1"]) == 2
     assert "reward" in capsys.readouterr().err  # no LoRA, no --reward: says what is missing
 
