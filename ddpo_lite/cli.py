@@ -114,6 +114,7 @@ def _refuse_recorded_reward_code(run_dir: Path, config, overrides: list[str]) ->
 
 def _sample(args: argparse.Namespace) -> int:
     from ddpo_lite.sample import read_prompts_file, sample
+    from ddpo_lite.trainer import progress_bars
 
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -130,20 +131,22 @@ def _sample(args: argparse.Namespace) -> int:
             "(1 or 0: no classifier-free guidance)"
         )
     _check_device(args.device)
-    result = sample(
-        args.lora,
-        prompts,
-        model=args.model,
-        num=args.num,
-        seed=args.seed,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        output=args.output,
-        device=args.device,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        offload=args.offload,
-    )
+    with progress_bars(_err, enabled=not args.quiet) as progress:
+        result = sample(
+            args.lora,
+            prompts,
+            model=args.model,
+            num=args.num,
+            seed=args.seed,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            output=args.output,
+            device=args.device,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            offload=args.offload,
+            progress=progress,
+        )
     _out.print(f"{len(result.paths)} images and {result.grid} written to {args.output}")
     return 0
 
@@ -349,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     sample.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     sample.add_argument("--offload", action=argparse.BooleanOptionalAction, help=OFFLOAD_HELP)
+    sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.add_argument(
         "--output", default="samples", metavar="DIR", help="output folder (default: samples)"
     )
@@ -451,7 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         _err.print(f"[red]config error:[/red] {_escape(err)}", highlight=False)
         return 2
     except KeyboardInterrupt:
-        _err.print("interrupted; the last checkpoint is intact (continue with --resume)")
+        kept = {
+            "train": "; the last checkpoint is intact (continue with --resume)",
+            "sample": f"; the images made so far are in {args.output}",
+        }
+        _err.print(f"interrupted{kept.get(args.command, '')}", highlight=False)
         return 130
     except Exception as err:
         if _is_user_error(err):

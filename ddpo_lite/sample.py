@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from rich.progress import Progress
 
 from ddpo_lite.grid import make_grid
 from ddpo_lite.lora_files import LoraFileError, check_lora_fits, read_lora_file
@@ -237,6 +238,7 @@ def sample(
     dtype: str = "auto",
     quantize: str | None = None,
     offload: bool | None = None,
+    progress: Progress | None = None,
 ) -> SampleResult:
     """`num` images per prompt from the LoRA (or the bare base `model` when `lora` is None), on
     `device` (None: the GPU where there is one) in `dtype` (a `DTYPES` name or "auto"), the
@@ -244,8 +246,9 @@ def sample(
     the models taking turns on the device with `offload` (None: where they do not all fit).
 
     Steps, guidance, eta, resolution and a flow model's text tokens (`model.max_sequence_length`)
-    default to the ones the LoRA was trained with. With `output`, writes
-    each image as PNG and a grid with the prompts under the images.
+    default to the ones the LoRA was trained with. With `output`, writes each prompt's images
+    as PNG once they are made and, at the end, a grid with the prompts under the images; a bar
+    on `progress` counts the prompts.
     """
     if output is not None:
         check_output_folder(output)  # before the model loads
@@ -276,7 +279,13 @@ def sample(
     if tokens >= 0:
         noise["max_sequence_length"] = tokens
     result = SampleResult()
-    for prompt in prompts:
+    folder = Path(output) if output is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    task = progress.add_task("sampling", total=len(prompts)) if progress is not None else None
+    if progress is not None:
+        pipe.set_progress_bar_config(disable=True)  # one bar: prompts, not each one's steps
+    for j, prompt in enumerate(prompts):
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num)]
         images = pipe(
             prompt=prompt,  # by name: Flux2KleinPipeline's first argument is `image`
@@ -290,13 +299,13 @@ def sample(
         ).images
         result.images += images
         result.prompts += [prompt] * num
-    if output is not None:
-        folder = Path(output)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, (image, prompt) in enumerate(zip(result.images, result.prompts, strict=True)):
-            path = folder / f"{i // num:03d}_{i % num:02d}_{_slug(prompt)}.png"
+        for k, image in enumerate(images if folder is not None else []):
+            path = folder / f"{j:03d}_{k:02d}_{_slug(prompt)}.png"  # kept if a later one fails
             image.save(path)
             result.paths.append(path)
+        if task is not None:
+            progress.advance(task)
+    if folder is not None:
         captions = [f"{p}\nseed {seed + i % num}" for i, p in enumerate(result.prompts)]
         result.grid = folder / "grid.png"
         make_grid(result.images, captions).save(result.grid)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
+from rich.progress import Progress
 
 from ddpo_lite import __version__
 from ddpo_lite.cli import main
@@ -236,6 +237,35 @@ def test_offload_keeps_models_off_the_gpu_but_while_they_run(
         assert offload_needed(pipe, "cuda", None) is expected
         assert offload_needed(pipe, "cuda", not expected) is not expected  # as asked
     assert "do not all fit" in capsys.readouterr().err
+
+
+def test_sample_keeps_the_images_made_before_it_stopped(run_dir, tmp_path, capsys, monkeypatch):
+    """Each prompt's images are written once made: Ctrl-C (or a crash) at the second prompt
+    leaves the first one's, says where, and shows one bar over the prompts (not diffusers')."""
+    import ddpo_lite.trainer
+
+    calls, bars = [], []
+    original = StableDiffusionPipeline.__call__
+
+    def stopped_at_the_second(self, *args, **kwargs):
+        calls.append(kwargs["prompt"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    def progress_bars(console, enabled):
+        bars.append(Progress(console=console, disable=True))
+        return bars[-1]
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", stopped_at_the_second)
+    monkeypatch.setattr(ddpo_lite.trainer, "progress_bars", progress_bars)
+    out = tmp_path / "shots"
+    args = ["sample", "--lora", str(run_dir / "lora"), "--prompt", "a cat", "--prompt", "a dog"]
+    assert main([*args, "--num", "2", "--steps", "3", "--output", str(out)]) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["000_00_a-cat.png", "000_01_a-cat.png"]
+    assert f"the images made so far are in {out}" in capsys.readouterr().err
+    task = bars[0].tasks[0]
+    assert (task.description, task.completed, task.total) == ("sampling", 1, 2)
 
 
 def test_sample_out_of_memory_is_one_line_with_what_to_do(run_dir, tmp_path, capsys, monkeypatch):
