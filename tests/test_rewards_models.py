@@ -872,12 +872,10 @@ def test_image_processors_are_pil_even_with_torchvision(monkeypatch, clip_folder
     """transformers picks torchvision's image processor when torchvision is installed; the
     rewards pin PIL's. Torchvision's presence is simulated where transformers decides it."""
     from transformers import AutoImageProcessor
+    from transformers.models.auto import image_processing_auto as auto
 
     from ddpo_lite.rewards import _models
 
-    auto = pytest.importorskip("transformers.models.auto.image_processing_auto")
-    if not hasattr(auto, "_resolve_backend"):
-        pytest.skip("transformers 4: use_fast=False, checked by is_pil_image_processor below")
     chosen = []
     resolve = auto._resolve_backend
 

@@ -106,20 +106,14 @@ def from_pretrained(cls, source: str, **kwargs):
 def pil_image_processor(source: str):
     """`source`'s image processor with the PIL backend, whether or not torchvision is installed.
 
-    transformers' automatic choice is torchvision's backend ("fast") when torchvision is
-    installed and PIL's otherwise, and the two resize differently (PickScore moved by 7e-4), so
-    the backend is pinned: `backend="pil"` on transformers 5, `use_fast=False` on 4. PIL's is
-    the one the reference implementations used (their transformers had no other).
+    transformers' automatic choice is torchvision's backend when torchvision is installed and
+    PIL's otherwise, and the two resize differently (PickScore moved by 7e-4), so the backend
+    is pinned (`backend="pil"`). PIL's is the one the reference implementations used (their
+    transformers had no other).
     """
-    import importlib.util
-
     from transformers import AutoImageProcessor
 
-    if importlib.util.find_spec("transformers.image_processing_backends"):  # transformers 5
-        pinned = {"backend": "pil"}
-    else:
-        pinned = {"use_fast": False}
-    processor = from_pretrained(AutoImageProcessor, source, **pinned)
+    processor = from_pretrained(AutoImageProcessor, source, backend="pil")
     if not is_pil_image_processor(processor):
         raise RewardModelError(
             f"the image processor of {source!r} ({type(processor).__name__}) has no PIL "
@@ -129,11 +123,9 @@ def pil_image_processor(source: str):
 
 
 def is_pil_image_processor(processor) -> bool:
-    """Whether `processor` is a PIL-backend (slow) image processor, in transformers 4 or 5."""
-    try:
-        from transformers.image_processing_backends import PilBackend  # transformers 5
-    except ImportError:
-        return not getattr(processor, "is_fast", False)
+    """Whether `processor` is a PIL-backend image processor."""
+    from transformers.image_processing_backends import PilBackend
+
     return isinstance(processor, PilBackend)
 
 
