@@ -125,6 +125,8 @@ def _sample(args: argparse.Namespace) -> int:
         raise UsageError("give --lora PATH (or --model NAME to sample the base model)")
     if args.num < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError("--num and --steps must be at least 1")
+    if args.resolution is not None and args.resolution < 1:
+        raise UsageError(f"--resolution {args.resolution} is invalid: give a size in pixels")
     if args.guidance_scale is not None and not args.guidance_scale >= 0:
         raise UsageError(
             f"--guidance-scale {args.guidance_scale:g} is invalid: give a number >= 0 "
@@ -146,6 +148,7 @@ def _sample(args: argparse.Namespace) -> int:
             quantize=args.quantize,
             offload=args.offload,
             progress=progress,
+            resolution=args.resolution,
         )
     _out.print(f"{len(result.paths)} images and {result.grid} written to {args.output}")
     return 0
@@ -348,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
     sample.add_argument("--steps", type=int, help="DDIM steps (default: as trained)")
     sample.add_argument("--guidance-scale", type=float, help="CFG scale (default: as trained)")
+    sample.add_argument(
+        "--resolution", type=int, metavar="PX", help="square image size (default: as trained)"
+    )
     sample.add_argument("--device", help=DEVICE_HELP)
     sample.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     sample.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)

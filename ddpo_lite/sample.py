@@ -10,6 +10,7 @@ SDXL's VAE then decodes upcast, as diffusers does), in float32 on the CPU.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,14 +240,15 @@ def sample(
     quantize: str | None = None,
     offload: bool | None = None,
     progress: Progress | None = None,
+    resolution: int | None = None,
 ) -> SampleResult:
     """`num` images per prompt from the LoRA (or the bare base `model` when `lora` is None), on
     `device` (None: the GPU where there is one) in `dtype` (a `DTYPES` name or "auto"), the
     frozen denoiser stored as `quantize` (None: as the LoRA was trained, on a GPU; else none),
     the models taking turns on the device with `offload` (None: where they do not all fit).
 
-    Steps, guidance, eta, resolution and a flow model's text tokens (`model.max_sequence_length`)
-    default to the ones the LoRA was trained with. With `output`, writes each prompt's images
+    Steps, guidance, eta, `resolution` (square, in pixels) and a flow model's text tokens
+    (`model.max_sequence_length`) default to the ones the LoRA was trained with. With `output`, writes each prompt's images
     as PNG once they are made and, at the end, a grid with the prompts under the images; a bar
     on `progress` counts the prompts.
     """
@@ -269,8 +271,19 @@ def sample(
     )
     eta = eta if eta is not None else float(metadata.get("eta", 1.0))
 
-    size = int(metadata.get("resolution", 0)) or None  # as trained (None: the model's own)
     from ddpo_lite.families import family_of, sequence_length
+
+    size = resolution or int(metadata.get("resolution", 0)) or None  # None: the model's own
+    multiple = family_of(pipe).resolution_multiple(pipe)
+    if family_of(pipe).sampler == "ddim":  # diffusers' SD / SDXL pipelines: 8, whatever the VAE
+        multiple = math.lcm(multiple, 8)
+    if resolution and resolution % multiple:
+        from ddpo_lite.config import ConfigError
+
+        raise ConfigError(
+            f"--resolution {resolution} is not a multiple of {multiple} (the model's VAE factor x "
+            f"patch size); use e.g. {resolution // multiple * multiple or multiple}"
+        )
 
     # DDIM's eta; a flow model's pipeline samples its ODE (Euler), which has no noise to set
     noise = {"eta": eta} if family_of(pipe).sampler == "ddim" else {}

@@ -268,6 +268,17 @@ def test_sample_keeps_the_images_made_before_it_stopped(run_dir, tmp_path, capsy
     assert (task.description, task.completed, task.total) == ("sampling", 1, 2)
 
 
+def test_sample_resolution_is_the_trained_one_unless_asked(run_dir, tmp_path, capsys):
+    trained = int(read_lora_metadata(run_dir / "lora")["resolution"])
+    lora = ["--lora", str(run_dir / "lora")]
+    assert _one_image(tmp_path / "as-trained", *lora).shape == (trained, trained, 3)
+    assert _one_image(tmp_path / "48", *lora, "--resolution", "48").shape == (48, 48, 3)
+    capsys.readouterr()
+    assert main(["sample", *lora, "--prompt", "a cat", "--resolution", "50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a multiple of 8" in err and "use e.g. 48" in err
+
+
 def test_sample_out_of_memory_is_one_line_with_what_to_do(run_dir, tmp_path, capsys, monkeypatch):
     import ddpo_lite.sample
 
