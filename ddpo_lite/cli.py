@@ -14,6 +14,7 @@ ddpo-lite --version
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def _train(args: argparse.Namespace) -> int:
 
         config, report = select_for_vram(config, args.vram)
         _out.print(report, highlight=False, markup=False)
+    else:
+        _warn_if_over_the_card(config)
     from ddpo_lite.trainer import train
 
     result = train(
@@ -93,6 +96,20 @@ def _train(args: argparse.Namespace) -> int:
         path = export_lora(result.lora_dir, result.output_dir / name)
         _out.print(f"ComfyUI/A1111 LoRA: {path}")
     return 0
+
+
+def _warn_if_over_the_card(config) -> None:
+    """Before the models load: a line when the estimate says the run does not fit this GPU."""
+    import torch
+
+    if config.memory.cpu or not torch.cuda.is_available():
+        return
+    from ddpo_lite.bench import over_card_warning
+
+    card = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
+    warning = over_card_warning(config, card)
+    if warning and os.environ.get("RANK", "0") == "0":  # once in a multi-process run
+        _err.print(f"[yellow]warning:[/yellow] {_escape(warning)}", highlight=False)
 
 
 def _refuse_recorded_reward_code(run_dir: Path, config, overrides: list[str]) -> None:

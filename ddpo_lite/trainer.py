@@ -872,7 +872,9 @@ def out_of_memory_message(phase: str, epoch: int, config: Config, device: torch.
                 f" ({unused / 2**30:.1f} GiB of it reserved but free: "
                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True may be enough)"
             )
-        vram = max(1, int(0.85 * total / 2**30))
+        from ddpo_lite.bench import suggested_vram
+
+        vram = suggested_vram(total)
         budget = f" --vram {vram}"
     if last is not None:
         text += f"; the run stopped (the last checkpoint, {last.name}, is intact). Continue it "

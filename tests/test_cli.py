@@ -279,6 +279,35 @@ def test_sample_resolution_is_the_trained_one_unless_asked(run_dir, tmp_path, ca
     assert len(err.splitlines()) == 1 and "not a multiple of 8" in err and "use e.g. 48" in err
 
 
+def test_train_warns_before_loading_where_the_estimate_exceeds_the_card(
+    tmp_path, capsys, monkeypatch
+):
+    """On a GPU without --vram, the estimate is held to the card's memory before the models
+    load: a warning line naming the --vram to pass (85% of the card), and the run goes on."""
+    import ddpo_lite.trainer
+    from ddpo_lite.bench import over_card_warning
+
+    config = load_config("tiny", ["memory.cpu=false"])
+    assert over_card_warning(config, 2**40) is None
+    assert "--vram 1`" in over_card_warning(config, 2**20)  # a 1 MiB card
+    started = []
+
+    def train(*args, **kwargs):
+        started.append(True)
+        raise KeyboardInterrupt  # stop where the models would load
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    card = type("Properties", (), {"total_memory": 2**20})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: card)
+    monkeypatch.setattr(ddpo_lite.trainer, "train", train)
+    args = ["train", "--preset", "tiny", "--set", "memory.cpu=false", "--output", str(tmp_path)]
+    assert main(args) == 130 and started
+    err = capsys.readouterr().err
+    assert "warning:" in err and "predicted to need" in err and "--vram 1" in err
+    assert main([*args, "--set", "memory.cpu=true"]) == 130  # on the CPU: nothing to check
+    assert "predicted" not in capsys.readouterr().err
+
+
 def test_sample_out_of_memory_is_one_line_with_what_to_do(run_dir, tmp_path, capsys, monkeypatch):
     import ddpo_lite.sample
 

@@ -18,6 +18,8 @@ _EXPORTS = {
     "run_bench": "ddpo_lite.bench.bench",
     "Estimate": "ddpo_lite.bench.estimate",
     "select_for_vram": "ddpo_lite.bench.select",
+    "over_card_warning": "ddpo_lite.bench.select",
+    "suggested_vram": "ddpo_lite.bench.select",
 }
 
 __all__ = sorted(_EXPORTS)

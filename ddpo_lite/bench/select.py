@@ -239,3 +239,26 @@ def select_for_vram(config: Config, vram_gb: float) -> tuple[Config, str]:
     assert best is not None  # the floor fits, and it is the last step's smallest shape
     chosen, estimate = best
     return chosen, _report(config, chosen, estimate, vram_gb)
+
+
+def suggested_vram(card_bytes: int) -> int:
+    """The `--vram` to suggest for a card of `card_bytes`: 85% of it, in whole GB (room for the
+    estimate's allocator and context guesses and for what else the card holds)."""
+    return max(1, int(0.85 * card_bytes / GiB))
+
+
+def over_card_warning(config: Config, card_bytes: int) -> str | None:
+    """One line when `config`'s predicted device memory is more than a card of `card_bytes`
+    holds; None when it fits, or when no estimate can be made for this config."""
+    try:
+        predicted = _Search(config).estimate(config).device_bytes
+    except Exception:  # advisory: an estimate that cannot be made does not stop a run
+        return None
+    if predicted <= card_bytes:
+        return None
+    return (
+        f"this config is predicted to need {predicted / GiB:.1f} GiB on the GPU, which has "
+        f"{card_bytes / GiB:.1f} GiB: it will likely run out of memory. `--vram "
+        f"{suggested_vram(card_bytes)}` picks memory levers that fit (a prediction: "
+        "`ddpo-lite bench --estimate` shows where it goes)"
+    )
