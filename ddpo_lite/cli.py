@@ -160,15 +160,17 @@ def _sample(args: argparse.Namespace) -> int:
             steps=args.steps,
             guidance_scale=args.guidance_scale,
             output=args.output,
-            device=args.device,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            offload=args.offload,
-            progress=progress,
             resolution=args.resolution,
+            progress=progress,
+            **_inference_options(args),
         )
     _out.print(f"{len(result.paths)} images and {result.grid} written to {args.output}")
     return 0
+
+
+def _inference_options(args: argparse.Namespace) -> dict:
+    """What `sample` and `eval` share: where and how the models run."""
+    return dict(device=args.device, dtype=args.dtype, quantize=args.quantize, offload=args.offload)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -204,11 +206,8 @@ def _eval(args: argparse.Namespace) -> int:
             num_per_prompt=args.num,
             seed=args.seed,
             steps=args.steps,
-            device=args.device,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            offload=args.offload,
             progress=progress,
+            **_inference_options(args),
         )
     table = Table(title="held-out evaluation" + (f": {args.lora}" if args.lora else ""))
     if tuned is None:
