@@ -14,6 +14,7 @@ ddpo-lite --version
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -209,16 +210,28 @@ def _eval(args: argparse.Namespace) -> int:
             progress=progress,
             **_inference_options(args),
         )
+    if tuned is None:
+        rows = [
+            {"group": name, "n": int(g.rewards.size), "base": g.mean, "base_std": g.std}
+            for name, g in base.items()
+        ]
+    else:
+        rows = compare(base, tuned)
+    if args.json:
+        finite = [{k: (None if v != v else v) for k, v in row.items()} for row in rows]  # NaN
+        Path(args.json).write_text(json.dumps({"lora": args.lora, "groups": finite}, indent=2))
     table = Table(title="held-out evaluation" + (f": {args.lora}" if args.lora else ""))
     if tuned is None:
         for column in ("group", "n", "base mean", "base std"):
             table.add_column(column)
-        for name, group in base.items():
-            table.add_row(name, str(group.rewards.size), f"{group.mean:.4g}", f"{group.std:.4g}")
+        for row in rows:
+            table.add_row(
+                row["group"], str(row["n"]), f"{row['base']:.4g}", f"{row['base_std']:.4g}"
+            )
     else:
         for column in ("group", "n", "base", "tuned", "tuned - base", "std. error"):
             table.add_column(column)
-        for row in compare(base, tuned):
+        for row in rows:
             table.add_row(
                 row["group"],
                 str(row["n"]),
@@ -406,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     evaluate.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.add_argument(
+        "--json", metavar="FILE", help="also write the table's numbers to FILE (JSON)"
+    )
     evaluate.add_argument(
         "--offload",
         action=argparse.BooleanOptionalAction,

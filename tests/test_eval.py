@@ -196,16 +196,25 @@ def test_eval_command_compares_base_and_tuned(tmp_path, heldout, capsys, monkeyp
     monkeypatch.setattr(trainer, "progress_bars", progress_bars)
     code = main(
         ["eval", "--lora", str(out / "lora"), "--prompts", heldout["animals"], "--num", "2"]
-        + ["--prompts", heldout["objects"], "--steps", "3"]
+        + ["--prompts", heldout["objects"], "--steps", "3", "--json", str(tmp_path / "e.json")]
     )
     printed = capsys.readouterr().out
     assert code == 0
     assert "animals" in printed and "objects" in printed and "tuned - base" in printed
+    written = json.loads((tmp_path / "e.json").read_text())  # the table's numbers
+    assert [row["group"] for row in written["groups"]] == ["animals", "objects"]
+    for row in written["groups"]:
+        assert row["n"] == 4 and f"{row['difference']:+.4g}" in printed
     # a bar per model, one step per prompt (2 + 2)
     shown = [(t.description, t.completed, t.total) for t in bars[0].tasks]
     assert shown == [("base model", 4, 4), ("with the LoRA", 4, 4)]
     assert main(["eval", "--model", "tiny", "--prompts", heldout["animals"], "--num", "1"]) == 2
     assert "reward" in capsys.readouterr().err  # no LoRA, no --reward: says what is missing
+    base_only = ["eval", "--model", "tiny", "--reward", "jpeg_compressibility", "--steps", "3"]
+    base_only += ["--prompts", heldout["animals"], "--num", "1", "--json", str(tmp_path / "b.json")]
+    assert main(base_only) == 0 and "base mean" in capsys.readouterr().out
+    (row,) = json.loads((tmp_path / "b.json").read_text())["groups"]
+    assert row["group"] == "animals" and row["n"] == 2 and row["base_std"] >= 0
 
 
 def test_eval_never_runs_code_named_in_the_lora(tmp_path, heldout, capsys):
