@@ -273,9 +273,10 @@ def sample(
 
     from ddpo_lite.families import family_of, sequence_length
 
+    family = family_of(pipe)
     size = resolution or int(metadata.get("resolution", 0)) or None  # None: the model's own
-    multiple = family_of(pipe).resolution_multiple(pipe)
-    if family_of(pipe).sampler == "ddim":  # diffusers' SD / SDXL pipelines: 8, whatever the VAE
+    multiple = family.resolution_multiple(pipe)
+    if family.sampler == "ddim":  # diffusers' SD / SDXL pipelines: 8, whatever the VAE
         multiple = math.lcm(multiple, 8)
     if resolution and resolution % multiple:
         from ddpo_lite.config import ConfigError
@@ -286,7 +287,7 @@ def sample(
         )
 
     # DDIM's eta; a flow model's pipeline samples its ODE (Euler), which has no noise to set
-    noise = {"eta": eta} if family_of(pipe).sampler == "ddim" else {}
+    noise = {"eta": eta} if family.sampler == "ddim" else {}
     # a flow model's text tokens as trained, else the model's default (shapes-flow: 0)
     tokens = sequence_length(pipe, int(metadata.get("max_sequence_length", -1)))
     if tokens >= 0:
@@ -295,8 +296,9 @@ def sample(
     folder = Path(output) if output is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    task = progress.add_task("sampling", total=len(prompts)) if progress is not None else None
+    task = None
     if progress is not None:
+        task = progress.add_task("sampling", total=len(prompts))
         pipe.set_progress_bar_config(disable=True)  # one bar: prompts, not each one's steps
     for j, prompt in enumerate(prompts):
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num)]
