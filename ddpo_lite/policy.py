@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ddpo_lite.families import Cond, Family
+from ddpo_lite.models.memory import visiting
 from ddpo_lite.samplers.ddim import DDIMSampler
 from ddpo_lite.samplers.dpm import DPMSolverSampler
 from ddpo_lite.samplers.flow_sde import FlowSDESampler
@@ -35,12 +37,20 @@ class Policy:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     resolution: int = 0
     """Image side in pixels (the family's native one when built from a config with 0)."""
+    offload_vae: bool = False
+    """The VAE waits on the CPU and visits the latents' device for each decode."""
 
     @property
     def guided(self) -> bool:
         """Classifier-free guidance with the negative prompt: scale > 1 on a family that has it
         (FLUX's guidance is an input of the transformer instead: its family reads the scale)."""
         return self.guidance_scale > 1.0 and self.family.has_negative_prompt
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Final latents as PIL images through the family's VAE; with `offload_vae` the VAE is
+        on the latents' device for the decode only (back on the CPU after, also on an error)."""
+        with visiting(self.pipe.vae, latents.device, self.offload_vae):
+            return self.family.decode(self.pipe, latents)
 
     def predict(
         self,

@@ -280,7 +280,7 @@ def rollout(
             next_latents = sampler.advance(model_output, t, latents, generator, stochastic)
         latents = next_latents
 
-    images = policy.family.decode(policy.pipe, latents)
+    images = policy.decode(latents)
     ends_at_x0 = window is None and max(recorded, default=-1) == len(steps) - 1
     if not recorded_steps:  # nothing stochastic kept: the final latent and the whole grid
         states, recorded_steps, ends_at_x0 = [latents], list(steps), True

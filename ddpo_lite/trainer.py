@@ -277,6 +277,7 @@ def make_policy(pipe, config: Config, device, autocast, denoiser=None) -> Policy
         guidance_scale=config.sample.guidance_scale,
         autocast=autocast,
         resolution=resolution,
+        offload_vae=config.memory.offload_vae,
     )
 
 
@@ -809,15 +810,21 @@ class OutOfMemoryStop(RuntimeError):
 
 #: Per phase of a run, the levers that lower its memory, cheapest first (as `--vram` orders them).
 PHASE_LEVERS = {
-    "loading the models": ("half_base", "offload_text_encoder", "encode_on_cpu", "quantize"),
+    "loading the models": (
+        "half_base", "offload_text_encoder", "offload_vae", "encode_on_cpu", "quantize",
+    ),
     "sampling and scoring": (
-        "attention", "overlap", "offload_reward", "vae_slicing", "offload_trajectory", "quantize",
+        "attention", "offload_vae", "overlap", "offload_reward", "vae_slicing",
+        "offload_trajectory", "quantize",
     ),
-    "measuring the KL to the base": ("attention", "offload_trajectory", "quantize"),
+    "measuring the KL to the base": ("attention", "offload_vae", "offload_trajectory", "quantize"),
     "training": (
-        "attention", "checkpointing", "micro_batch", "chunk", "offload_trajectory", "quantize",
+        "attention", "offload_vae", "checkpointing", "micro_batch", "chunk",
+        "offload_trajectory", "quantize",
     ),
-    "the held-out evaluation": ("attention", "offload_reward", "vae_slicing", "quantize"),
+    "the held-out evaluation": (
+        "attention", "offload_vae", "offload_reward", "vae_slicing", "quantize",
+    ),
 }  # fmt: skip
 
 
@@ -844,6 +851,7 @@ def _leaner_settings(config: Config, phase: str) -> list[str]:
         "chunk": (train.timestep_chunk != 1, "train.timestep_chunk=1"),
         "overlap": (config.reward.overlap, "reward.overlap=false"),
         "offload_reward": (not memory.offload_reward, "memory.offload_reward=true"),
+        "offload_vae": (not memory.offload_vae, "memory.offload_vae=true"),
         "vae_slicing": (not memory.vae_slicing, "memory.vae_slicing=true"),
         "offload_trajectory": (not memory.offload_trajectory, "memory.offload_trajectory=true"),
         "quantize": (memory.quantize_base == "none", "memory.quantize_base='nf4'"),

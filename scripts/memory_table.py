@@ -14,7 +14,7 @@ GiB = 2**30
 
 ROWS = [
     (
-        "`aesthetic` as shipped (lean: fp16 base, checkpointing, SDPA, 8-bit AdamW, chunk 2, micro-batch 1, text encoder offloaded, VAE slicing)",
+        "`aesthetic` as shipped (lean: fp16 base, checkpointing, SDPA, 8-bit AdamW, chunk 2, micro-batch 1, text encoder and VAE offloaded, VAE slicing)",
         [],
     ),
     ("frozen weights fp32 (half_base off)", ["memory.half_base=false"]),
@@ -35,6 +35,7 @@ ROWS = [
         ["train.micro_batch_size=0", "train.timestep_chunk=0"],
     ),
     ("text encoder resident", ["memory.offload_text_encoder=false"]),
+    ("VAE resident (offload_vae off)", ["memory.offload_vae=false"]),
     ("reward model offloaded", ["memory.offload_reward=true"]),
     ("VAE slicing off", ["memory.vae_slicing=false"]),
 ]

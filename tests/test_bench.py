@@ -153,8 +153,31 @@ def test_select_for_vram_fits_the_budget(tmp_path):
     assert estimate(chosen).device_bytes <= budget_gb * GiB
     assert chosen is not config and "predicted peak" in report and "estimate" in report
     assert config.train.timestep_chunk == 0  # the caller's config is left alone
+    assert chosen.memory.offload_vae and not config.memory.offload_vae  # a free lever
     # the JPEG reward runs no model: overlapping it costs nothing, and there is none to offload
     assert chosen.reward.overlap and not chosen.memory.offload_reward
+
+
+def test_offload_vae_leaves_every_phase_but_the_decode(tmp_path):
+    """memory.offload_vae in the estimate: the VAE's weights leave what every phase holds and
+    come back, as a visit, for the decode alone."""
+    from ddpo_lite.bench.counting import module_bytes
+    from ddpo_lite.bench.estimate import build_meta_models
+
+    config = _tiny_gpu_config(tmp_path)
+    models = build_meta_models(config)
+    vae = module_bytes(models.vae)
+    assert vae > 0
+    resident = estimate(config, models)
+    config.memory.offload_vae = True
+    offloaded = estimate(config, models)
+    for name in ("training", "reward", "prompt encoding"):
+        assert offloaded.phases[name].peak_bytes == resident.phases[name].peak_bytes - vae
+        assert "vae_weights" not in offloaded.phases[name].parts
+    decode = {k: v for k, v in offloaded.phases["sampling"].parts.items() if "VAE decode" in k}
+    if decode:  # the decode is the sampling phase's peak moment: the VAE is there
+        assert decode["vae_weights_visit [VAE decode]"] == vae
+    assert offloaded.phases["sampling"].peak_bytes <= resident.phases["sampling"].peak_bytes
 
 
 def test_select_for_vram_offloads_no_reward_that_has_no_model(tmp_path):
@@ -164,6 +187,7 @@ def test_select_for_vram_offloads_no_reward_that_has_no_model(tmp_path):
     floor = _tiny_gpu_config(
         tmp_path,
         "memory.gradient_checkpointing=true",
+        "memory.offload_vae=true",
         "memory.quantize_base='nf4'",
         "memory.encode_on_cpu=true",
         "memory.encode_batch_size=8",
@@ -178,7 +202,11 @@ def test_select_for_vram_offloads_no_reward_that_has_no_model(tmp_path):
 def test_select_for_vram_turns_overlap_off_before_offloading_or_checkpointing(tmp_path):
     """A model reward scored while the next batch samples holds a denoising step beside it: on
     a budget only that moment exceeds, `--vram` turns reward.overlap off and no other lever."""
-    free = ["memory.offload_text_encoder=true", "memory.encode_batch_size=8"]  # the free levers
+    free = [  # the free levers
+        "memory.offload_text_encoder=true",
+        "memory.offload_vae=true",
+        "memory.encode_batch_size=8",
+    ]
     config = _tiny_gpu_config(tmp_path, "reward.name='aesthetic'", *free)
 
     def predicted(*overrides: str) -> int:

@@ -515,6 +515,7 @@ def test_out_of_memory_stops_in_one_line_naming_the_phase_and_resume_continues(
     # one pass without checkpointing, and samples with the reward and its chains on the device
     if phase == "training":
         assert "memory.gradient_checkpointing=true" in err and "train.timestep_chunk=1" in err
+        assert "memory.offload_vae=true" in err  # the VAE waits idle while the LoRA trains
     else:
         assert "memory.offload_reward=true" in err and "offload_trajectory=true" in err
         assert "train.timestep_chunk" not in err

@@ -41,6 +41,7 @@ from ddpo_lite.bench.counting import MemoryCounter
 from ddpo_lite.bench.estimate import Estimate, GiB, estimate
 from ddpo_lite.bench.sd15 import SD15_RANDOM, build_clip_vision, build_sd15_pipeline
 from ddpo_lite.config import Config, ConfigError, load_config
+from ddpo_lite.models.memory import visiting
 
 PHASES = ("sampling", "reward", "training")
 
@@ -384,15 +385,30 @@ class Run:
     def resident(self) -> list[torch.Tensor]:
         """The tensors that stay on the accelerator between phases (for the CPU counter)."""
         memory = self.config.memory
-        models = [self.denoiser, self.pipe.vae]
+        models = [self.denoiser] + ([] if memory.offload_vae else [self.pipe.vae])
         if not (memory.offload_text_encoder or memory.encode_on_cpu):
             models += self.policy.family.text_encoders(self.pipe)
         if not memory.offload_reward:
             models += [m for m in getattr(self.reward, "models", [])]
-        tensors = [t for m in models for t in (*m.parameters(), *m.buffers())]
+        tensors = _tensors(models)
         for state in self.optimizer.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v)]
         return tensors
+
+    def visitors(self, phase: str) -> list[torch.Tensor]:
+        """The offloaded models that visit the accelerator in `phase` (the VAE to decode while
+        sampling, the reward model to score): on the CPU their visit moves nothing, so the
+        counter is given them for the phase, as a GPU's allocator sees them arrive."""
+        memory = self.config.memory
+        if phase == "sampling" and memory.offload_vae:
+            return _tensors([self.pipe.vae])
+        if phase == "reward" and memory.offload_reward:
+            return _tensors(getattr(self.reward, "models", []))
+        return []
+
+
+def _tensors(models) -> list[torch.Tensor]:
+    return [t for m in models for t in (*m.parameters(), *m.buffers())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,8 +422,9 @@ def _sync(device: torch.device) -> None:
 
 
 @contextmanager
-def _phase_memory(run: Run, counted: bool, held: list[torch.Tensor], out: dict):
-    """Peak memory of the block: CUDA allocator stats, or the dispatch counter on a CPU."""
+def _phase_memory(run: Run, counted: bool, held: list[torch.Tensor], out: dict, phase: str):
+    """Peak memory of `phase`'s block: CUDA allocator stats, or the dispatch counter on a CPU
+    (over what stays resident, `held` and the phase's visitors)."""
     device = run.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -416,7 +433,7 @@ def _phase_memory(run: Run, counted: bool, held: list[torch.Tensor], out: dict):
         out["reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
     elif counted:
         with MemoryCounter(device_type=device.type) as counter:
-            counter.register(run.resident() + held)
+            counter.register(run.resident() + held + run.visitors(phase))
             yield
         out["peak_bytes"] = counter.peak
         out["reserved_bytes"] = None
@@ -441,7 +458,7 @@ def _epoch(run: Run, counted: bool) -> dict[str, dict]:
     def no_reward(images, prompts, metadata):
         return np.zeros(len(images)), {}
 
-    with _phase_memory(run, counted, [], stats["sampling"]):
+    with _phase_memory(run, counted, [], stats["sampling"], "sampling"):
         samples = sample_epoch(
             components, run.prompts, config, run.generator, run.accelerator, no_reward
         )
@@ -456,7 +473,7 @@ def _epoch(run: Run, counted: bool) -> dict[str, dict]:
     ]
     start = time.perf_counter()
     rewards = []
-    with _phase_memory(run, counted, held, stats["reward"]):
+    with _phase_memory(run, counted, held, stats["reward"], "reward"):
         for i in range(0, n, config.sample.batch_size):
             part = slice(i, i + config.sample.batch_size)
             values, _ = run.reward(images[part], texts[part], [{} for _ in images[part]])
@@ -470,7 +487,7 @@ def _epoch(run: Run, counted: bool) -> dict[str, dict]:
         -config.train.adv_clip_max, config.train.adv_clip_max
     )
     start = time.perf_counter()
-    with _phase_memory(run, counted, held, stats["training"]):
+    with _phase_memory(run, counted, held, stats["training"], "training"):
         trained = update(
             run.accelerator,
             run.policy,
@@ -634,8 +651,11 @@ def vs_pipeline(
     def theirs():
         # the denoiser under the policy's autocast as ours; the VAE decodes outside it, as ours
         # does (under fp16 autocast an fp32 VAE would decode in fp16: faster, and it can overflow)
-        with policy.autocast(), _decoding_outside_autocast(run.pipe.vae, device):
-            run.pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+        # an offloaded VAE (memory.offload_vae) visits for the call, as ours visits per decode
+        vae = run.pipe.vae
+        with policy.autocast(), _decoding_outside_autocast(vae, device):
+            with visiting(vae, device, policy.offload_vae):
+                run.pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs)
 
     calls = {"rollout": lambda: ours(True), "rollout_no_record": lambda: ours(False)}
     calls["pipeline"] = theirs

@@ -9,8 +9,9 @@ accelerator in that phase (weights at their stored dtype, LoRA, optimizer state,
 epoch's stored trajectory) plus the largest transient of the phase, composed as the trainer runs:
 
 - prompt encoding (run start): the text encoder (visiting when offloaded) on the prompt list;
-- sampling: max of a denoising step, its VAE decode and the stacking of a batch's states, with
-  the epoch's trajectory buffer held (allocated at the first batch, filled batch by batch);
+- sampling: max of a denoising step, its VAE decode (with the VAE's weights visiting under
+  memory.offload_vae) and the stacking of a batch's states, with the epoch's trajectory buffer
+  held (allocated at the first batch, filled batch by batch);
 - reward: the reward model and its forward on one sampling batch, with the epoch's trajectory held;
 - training: one forward+backward chunk (micro-batch x timestep chunk, x2 for CFG), with LoRA
   gradients, optimizer state, the epoch's trajectory and the optimizer step's gathered samples held.
@@ -329,6 +330,8 @@ def build_meta_models(config: Config, resolution: int | None = None) -> MetaMode
     # memory-efficient kernel (it is one), so the estimate does not need xformers installed
     if memory.attention == "xformers":
         memory = dataclasses.replace(memory, attention="sdpa")
+    # an offloaded VAE is accounted by formula (`compose`): on meta it stays where it is
+    memory = dataclasses.replace(memory, offload_vae=False)
     meta = torch.device("meta")
     apply_memory_settings(pipe, memory, meta)
     if memory.gradient_checkpointing:  # recompute under the emulated autocast too
@@ -838,7 +841,9 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
     weights_name = f"{models.family.denoiser_name}_weights+lora"
     if models.quantize != "none":
         weights_name += f" ({models.quantize} base)"
-    resident = {weights_name: denoiser, "vae_weights": vae, "adam_state": adam}
+    resident = {weights_name: denoiser, "adam_state": adam}
+    if not memory.offload_vae:  # else it visits for each decode
+        resident["vae_weights"] = vae
     if not (memory.offload_text_encoder or memory.encode_on_cpu):
         resident["text_encoder_weights"] = text
     if not memory.offload_reward and reward:
@@ -880,6 +885,7 @@ def compose(config: Config, models: MetaModels, transients: Transients) -> Estim
         },
         "VAE decode": {
             "trajectory (epoch buffer + this batch's steps)": epoch_traj + per_batch,
+            "vae_weights_visit": vae if memory.offload_vae else 0,
             # the VAE itself decodes one image at a time when slicing is on
             "transient": transients.decode(sample.batch_size),
         },

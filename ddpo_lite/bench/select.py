@@ -5,7 +5,8 @@ A config that already fits is returned as it is. Otherwise the levers are tried 
 
 1. the free ones, always: attention 'math' -> 'sdpa'; frozen weights in the autocast dtype
    (half_base, unless mixed_precision is 'no'); the text encoder off the accelerator (prompt
-   embeddings are cached); VAE slicing; the prompt list encoded 8 prompts at a time;
+   embeddings are cached); the VAE off it but while it decodes; VAE slicing; the prompt list
+   encoded 8 prompts at a time;
 2. then, in this order, until one fits: gradient checkpointing, the reward offload and
    `reward.overlap` as the config has them; overlap off, where the overlap costs memory (a
    model reward scoring beside a denoising step): each batch is scored before the next one
@@ -181,6 +182,7 @@ def select_for_vram(config: Config, vram_gb: float) -> tuple[Config, str]:
     if free.memory.mixed_precision != "no":
         free.memory.half_base = True
     free.memory.offload_text_encoder = True
+    free.memory.offload_vae = True  # two copies of its weights per sampling batch
     free.memory.vae_slicing = True
     free.memory.encode_batch_size = min(free.memory.encode_batch_size, 8)  # setup only
     # 2. overlap off, the reward model off the accelerator between calls, both; then 3-4 the

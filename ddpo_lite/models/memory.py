@@ -1,5 +1,6 @@
 """The memory levers applied to a pipeline: dtype of frozen weights, attention backend,
-gradient checkpointing, VAE slicing, a quantized frozen denoiser. Each is one switch of
+gradient checkpointing, VAE slicing, the VAE off the accelerator but while it decodes
+(`visiting`), a quantized frozen denoiser. Each is one switch of
 `MemoryConfig`.
 
 `memory.quantize_base` 'nf4' / 'int8' is applied at load (`quantization_config`, see
@@ -10,6 +11,7 @@ afterwards stays float32 (peft wraps the quantized or fp8 layers: QLoRA)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -20,6 +22,20 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class MissingDependencyError(RuntimeError):
     """An optional package a setting needs is not installed; the message says how to get it."""
+
+
+@contextlib.contextmanager
+def visiting(module: torch.nn.Module, device, enabled: bool = True):
+    """`module` on `device` for the block and back on the CPU after it, also on an error
+    (memory.offload_vae's decode); nothing moves when not `enabled`."""
+    if not enabled:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to("cpu")
 
 
 #: Storage dtype of memory.quantize_base = 'fp8'.
@@ -87,7 +103,7 @@ def apply_memory_settings(pipe, memory, device: torch.device) -> torch.dtype:
     if dtype == torch.float16 and family.vae_fp32_in_fp16:
         pipe.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' force_upcast)
     denoiser.to(device)
-    pipe.vae.to(device)
+    pipe.vae.to("cpu" if memory.offload_vae else device)  # offloaded: it visits to decode
     if family.sampler == "ddim":  # the UNets' processors; the transformers keep their own (sdpa)
         set_attention(denoiser, memory.attention)
     elif memory.attention == "xformers":
