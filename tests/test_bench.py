@@ -76,6 +76,37 @@ def test_sdpa_counted_without_the_attention_matrix():
     assert efficient * 20 < math_path
 
 
+@pytest.mark.parametrize(
+    "model, levers",
+    [
+        ("tiny", ["memory.attention='math'", "memory.gradient_checkpointing=true"]),
+        ("tiny-sd3", ["memory.quantize_base='fp8'", "memory.mixed_precision='bf16'"]),
+        ("tiny-flux2", ["memory.mixed_precision='bf16'", "memory.offload_text_encoder=false"]),
+    ],
+)
+def test_meta_outputs_made_from_the_cache_count_the_same_bytes(
+    tmp_path, monkeypatch, model, levers
+):
+    """The counter makes a meta op's outputs from their cached shapes instead of running its
+    meta kernel again: every phase of the estimate is the same to the byte as with every op
+    run (attention as diffusers runs it, checkpointing's recompute, fp8 casting, a text
+    encoder on the card), and the cache was used."""
+    from ddpo_lite.bench import counting
+
+    config = _tiny_gpu_config(tmp_path, f"model.name='{model}'", *levers)
+
+    def phases():
+        return {name: p.peak_bytes for name, p in estimate(config).phases.items()}
+
+    cache: dict = {}
+    monkeypatch.setattr(counting, "_META_OUTPUTS", cache)
+    first, again = phases(), phases()  # the first fills the cache, the second reads it
+    made = [spec for spec in cache.values() if spec is not counting._RUN]
+    assert len(made) > 20 and len(cache) > len(made)  # specs, and ops that must run (views)
+    monkeypatch.setattr(counting, "meta_call", lambda func, args, kwargs: func(*args, **kwargs))
+    assert first == again == phases()
+
+
 def test_8bit_adam_state_formula_matches_bitsandbytes():
     """uint8 moments + fp32 absmax per 256 elements for tensors >= 4096 elements, fp32 below."""
     bnb = pytest.importorskip("bitsandbytes")

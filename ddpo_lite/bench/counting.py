@@ -8,7 +8,9 @@ added with `register`. The same pattern as torch.distributed._tools.mem_tracker,
 per-module bookkeeping.
 
 On the meta device a tensor has no value: under the counter a scalar read of a meta tensor
-(`bool(...)`, `.item()`) is 0 / False. Two more things differ from a GPU run, and
+(`bool(...)`, `.item()`) is 0 / False, and an op that allocates its outputs is run once per
+signature (inputs' shapes, strides, dtypes and the other arguments): later calls make the same
+outputs with `empty_strided` (`meta_call`; tests/test_bench.py holds it to the byte). Two more things differ from a GPU run, and
 `MetaAutocast` puts them back:
 
 - autocast does nothing without CUDA, so it is emulated as a TorchFunctionMode (above autograd,
@@ -28,6 +30,7 @@ On the meta device a tensor has no value: under the counter a scalar read of a m
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from collections.abc import Iterable
@@ -36,11 +39,92 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 #: The CUDA caching allocator hands out multiples of 512 bytes.
 CUDA_BLOCK = 512
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+#: Plain argument values an op's signature may hold (with their type: 1, 1.0 and True differ).
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout)
+_PLAIN += (torch.memory_format,)
+
+
+def _key(value):
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "meta" or value.layout != torch.strided:
+            raise _Uncacheable
+        return (tuple(value.shape), value.stride(), value.storage_offset(), value.dtype)
+    if isinstance(value, list | tuple):
+        return (type(value), tuple(_key(v) for v in value))
+    if isinstance(value, _PLAIN):
+        return (type(value), value)
+    raise _Uncacheable  # a generator, a scalar tensor's value, ...
+
+
+@functools.cache
+def _allocates_fresh(func) -> bool:
+    """Whether `func`'s schema neither writes to an argument nor returns a view of one."""
+    schema = func._schema
+    return not any(a.alias_info is not None for a in (*schema.arguments, *schema.returns))
+
+
+#: (op, the inputs' shapes / strides / dtypes and the other arguments) -> its outputs' specs,
+#: or _RUN where the op must run (its outputs share a storage with its inputs or each other).
+_META_OUTPUTS: dict[tuple, object] = {}
+_RUN = object()
+
+
+def meta_call(func, args, kwargs):
+    """`func(*args, **kwargs)`, for an op on meta tensors that allocates its outputs (no view,
+    no in-place write) run once per signature: a meta tensor's shape, strides and dtype follow
+    from the inputs' and the arguments alone, so later calls make the outputs with
+    `empty_strided` (a meta kernel written in Python costs ~0.3-1.4 ms a call, and one training
+    chunk of FLUX.1 makes ~50,000 calls). Same outputs, so the same bytes counted."""
+    if not _allocates_fresh(func):
+        return func(*args, **kwargs)
+    try:
+        key = (func, _key(args), _key(tuple(sorted(kwargs.items()))))
+    except _Uncacheable:
+        return func(*args, **kwargs)
+    spec = _META_OUTPUTS.get(key)
+    if spec is _RUN:
+        return func(*args, **kwargs)
+    if spec is not None:
+        leaves, tree = spec
+        made = [
+            None if leaf is None else torch.empty_strided(*leaf[:2], dtype=leaf[2], device="meta")
+            for leaf in leaves
+        ]
+        return tree_unflatten(made, tree)
+    out = func(*args, **kwargs)
+    leaves, tree = tree_flatten(out)
+    tensors = [leaf for leaf in leaves if leaf is not None]
+    storages = [id(t.untyped_storage()) for t in tensors if _is_meta(t)]
+    inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if _is_meta(t)}
+    # every output a meta tensor with a storage of its own: no view the schema does not declare
+    # (`_unsafe_view` returns its input's storage under a schema with no alias annotation)
+    if tensors and len(storages) == len(tensors) == len(set(storages) - inputs):
+        _META_OUTPUTS[key] = (
+            [None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in leaves],
+            tree,
+        )
+    else:
+        _META_OUTPUTS[key] = _RUN
+    return out
+
+
+def _is_meta(value) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.device.type == "meta"
+        and value.layout == torch.strided
+    )
 
 
 class MemoryCounter(TorchDispatchMode):
@@ -98,7 +182,7 @@ class MemoryCounter(TorchDispatchMode):
             # a meta tensor has no value: a data-dependent check (`bool((std <= 0).any())` in
             # the flow sampler) reads as 0 / False, the branch a real run takes
             return args[0].dtype.is_floating_point and 0.0 or 0
-        out = func(*args, **kwargs)
+        out = meta_call(func, args, kwargs)
         # a view or in-place result shares an input's storage: it allocated nothing (also when
         # the input predates the counter and was never registered, e.g. a weight's .t())
         inputs = {
