@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 #: The CUDA caching allocator hands out multiples of 512 bytes.
@@ -80,51 +79,68 @@ _META_OUTPUTS: dict[tuple, object] = {}
 _RUN = object()
 
 
-def meta_call(func, args, kwargs):
-    """`func(*args, **kwargs)`, for an op on meta tensors that allocates its outputs (no view,
-    no in-place write) run once per signature: a meta tensor's shape, strides and dtype follow
-    from the inputs' and the arguments alone, so later calls make the outputs with
-    `empty_strided` (a meta kernel written in Python costs ~0.3-1.4 ms a call, and one training
-    chunk of FLUX.1 makes ~50,000 calls). Same outputs, so the same bytes counted."""
+def meta_call(func, args, kwargs) -> tuple[object, bool]:
+    """`func(*args, **kwargs)` and whether its outputs are fresh meta tensors (each with a
+    storage of its own). An op on meta tensors that allocates its outputs (no view, no in-place
+    write) runs once per signature: a meta tensor's shape, strides and dtype follow from the
+    inputs' and the arguments alone, so later calls make the outputs with `empty_strided` (a
+    meta kernel written in Python costs ~0.3-1.4 ms a call, and one training chunk of FLUX.1
+    makes ~50,000 calls). Same outputs, so the same bytes counted."""
     if not _allocates_fresh(func):
-        return func(*args, **kwargs)
+        return func(*args, **kwargs), False
     try:
         key = (func, _key(args), _key(tuple(sorted(kwargs.items()))))
     except _Uncacheable:
-        return func(*args, **kwargs)
+        return func(*args, **kwargs), False
     spec = _META_OUTPUTS.get(key)
     if spec is _RUN:
-        return func(*args, **kwargs)
+        return func(*args, **kwargs), False
     if spec is not None:
-        leaves, tree = spec
-        made = [
-            None if leaf is None else torch.empty_strided(*leaf[:2], dtype=leaf[2], device="meta")
-            for leaf in leaves
-        ]
-        return tree_unflatten(made, tree)
+        container, leaves = spec
+        made = [None if leaf is None else _empty(*leaf) for leaf in leaves]
+        return (made[0] if container is None else container(made)), True
     out = func(*args, **kwargs)
-    leaves, tree = tree_flatten(out)
-    tensors = [leaf for leaf in leaves if leaf is not None]
-    storages = [id(t.untyped_storage()) for t in tensors if _is_meta(t)]
-    inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if _is_meta(t)}
-    # every output a meta tensor with a storage of its own: no view the schema does not declare
-    # (`_unsafe_view` returns its input's storage under a schema with no alias annotation)
-    if tensors and len(storages) == len(tensors) == len(set(storages) - inputs):
-        _META_OUTPUTS[key] = (
-            [None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in leaves],
-            tree,
-        )
-    else:
-        _META_OUTPUTS[key] = _RUN
-    return out
+    _META_OUTPUTS[key] = _spec(out, inputs=_tensors((args, kwargs)))
+    return out, _META_OUTPUTS[key] is not _RUN
 
 
-def _is_meta(value) -> bool:
-    return (
-        isinstance(value, torch.Tensor)
-        and value.device.type == "meta"
-        and value.layout == torch.strided
-    )
+def _empty(shape, stride, dtype) -> torch.Tensor:
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+def _spec(out, inputs: list[torch.Tensor]):
+    """(container, per output (shape, stride, dtype) or None) for outputs that are a meta
+    tensor, or a tuple / list of them (and None), each with a storage of its own; else _RUN.
+    (`_unsafe_view` returns its input's storage under a schema with no alias annotation.)"""
+    container, leaves = (None, [out]) if isinstance(out, torch.Tensor) else (type(out), out)
+    if container not in (None, tuple, list) or not leaves:
+        return _RUN
+    tensors = [t for t in leaves if t is not None]
+    if not all(isinstance(t, torch.Tensor) and _is_meta(t) for t in tensors):
+        return _RUN
+    storages = {id(t.untyped_storage()) for t in tensors}
+    if len(storages) < len(tensors) or storages & {id(t.untyped_storage()) for t in inputs}:
+        return _RUN
+    specs = [None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in leaves]
+    return container, specs
+
+
+def _tensors(value, found: list | None = None) -> list[torch.Tensor]:
+    """The tensors in an op's arguments or outputs (nested tuples, lists, dicts)."""
+    found = [] if found is None else found
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _tensors(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _tensors(item, found)
+    return found
+
+
+def _is_meta(value: torch.Tensor) -> bool:
+    return value.device.type == "meta" and value.layout == torch.strided
 
 
 class MemoryCounter(TorchDispatchMode):
@@ -182,18 +198,21 @@ class MemoryCounter(TorchDispatchMode):
             # a meta tensor has no value: a data-dependent check (`bool((std <= 0).any())` in
             # the flow sampler) reads as 0 / False, the branch a real run takes
             return args[0].dtype.is_floating_point and 0.0 or 0
-        out = meta_call(func, args, kwargs)
+        out, fresh = meta_call(func, args, kwargs)
+        if fresh:  # each output a storage of its own
+            for tensor in _tensors(out):
+                self._add(tensor)
+            return out
         # a view or in-place result shares an input's storage: it allocated nothing (also when
         # the input predates the counter and was never registered, e.g. a weight's .t())
         inputs = {
             id(leaf.untyped_storage())
-            for leaf in tree_leaves((args, kwargs))
-            if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided
+            for leaf in _tensors((args, kwargs))
+            if leaf.layout == torch.strided
         }
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
-                if id(leaf.untyped_storage()) not in inputs:
-                    self._add(leaf)
+        for leaf in _tensors(out):
+            if leaf.layout == torch.strided and id(leaf.untyped_storage()) not in inputs:
+                self._add(leaf)
         return out
 
 
