@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -145,6 +146,10 @@ def _sample(args: argparse.Namespace) -> int:
         raise UsageError("--num and --steps must be at least 1")
     if args.resolution is not None and args.resolution < 1:
         raise UsageError(f"--resolution {args.resolution} is invalid: give a size in pixels")
+    if not math.isfinite(args.scale):
+        raise UsageError(f"--scale {args.scale:g} is invalid: give the LoRA's strength, e.g. 0.5")
+    if args.scale != 1.0 and args.lora is None:
+        raise UsageError("--scale sets a LoRA's strength: give --lora PATH")
     if args.guidance_scale is not None and not args.guidance_scale >= 0:
         raise UsageError(
             f"--guidance-scale {args.guidance_scale:g} is invalid: give a number >= 0 "
@@ -163,6 +168,7 @@ def _sample(args: argparse.Namespace) -> int:
             output=args.output,
             resolution=args.resolution,
             progress=progress,
+            scale=args.scale,
             **_inference_options(args),
         )
     _out.print(f"{len(result.paths)} images and {result.grid} written to {args.output}")
@@ -378,7 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model", help="base model (default: the one the LoRA was trained on)")
     sample.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
     sample.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
-    sample.add_argument("--steps", type=int, help="DDIM steps (default: as trained)")
+    sample.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="the LoRA's strength (default 1: as trained; 0: the base model; between: part of "
+        "the change, as ComfyUI's strength)",
+    )
+    sample.add_argument("--steps", type=int, help="sampling steps (default: as trained)")
     sample.add_argument("--guidance-scale", type=float, help="CFG scale (default: as trained)")
     sample.add_argument(
         "--resolution", type=int, metavar="PX", help="square image size (default: as trained)"

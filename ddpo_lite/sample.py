@@ -71,15 +71,21 @@ def _lora_module_count(unet: torch.nn.Module) -> int:
     return sum(1 for m in unet.modules() if isinstance(m, LoraLayer) and len(m.lora_A) > 0)
 
 
+#: The adapter name `load_with_lora` gives the LoRA in the pipeline (for `set_adapters`).
+ADAPTER = "ddpo_lite"
+
+
 def load_with_lora(
     lora: str | Path,
     model: str | None = None,
     dtype: torch.dtype | None = None,
     quantize: str = "none",
+    scale: float = 1.0,
 ):
     """The base pipeline named in the LoRA's metadata (or `model`), loaded in `dtype` (None:
-    float32) with its denoiser quantized as `quantize` (`load_for_inference`), the LoRA loaded;
-    on the CPU (bitsandbytes' weights where it put them): `place` puts it on the device.
+    float32) with its denoiser quantized as `quantize` (`load_for_inference`), the LoRA loaded
+    at strength `scale` (1: as trained; 0: the base model; diffusers' `set_adapters`); on the
+    CPU (bitsandbytes' weights where it put them): `place` puts it on the device.
 
     Checks that every module in the file was attached: a LoRA whose keys do not match the UNet
     is an error, not a silent no-op.
@@ -110,7 +116,7 @@ def load_with_lora(
 
     denoiser = family_of(pipe).denoiser(pipe)
     check_lora_fits(lora_file, denoiser, base)  # a LoRA for another model: one line, not peft's
-    pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=ADAPTER)
     from safetensors import safe_open
 
     with safe_open(file, framework="pt") as f:
@@ -125,6 +131,8 @@ def load_with_lora(
             f"LoRA {str(file)!r}: only {attached} of its {expected} modules matched the {type(denoiser).__name__} of "
             f"{base!r} (a LoRA for another model?)"
         )
+    if scale != 1.0:
+        pipe.set_adapters([ADAPTER], [scale])
     store_in_fp8(pipe, quantize, dtype)  # after the LoRA, which it leaves in compute dtype
     return pipe, metadata
 
@@ -241,8 +249,10 @@ def sample(
     offload: bool | None = None,
     progress: Progress | None = None,
     resolution: int | None = None,
+    scale: float = 1.0,
 ) -> SampleResult:
-    """`num` images per prompt from the LoRA (or the bare base `model` when `lora` is None), on
+    """`num` images per prompt from the LoRA at strength `scale` (1: as trained) (or the bare
+    base `model` when `lora` is None), on
     `device` (None: the GPU where there is one) in `dtype` (a `DTYPES` name or "auto"), the
     frozen denoiser stored as `quantize` (None: as the LoRA was trained, on a GPU; else none),
     the models taking turns on the device with `offload` (None: where they do not all fit).
@@ -259,7 +269,7 @@ def sample(
     if lora is not None:
         if quantize is None:
             quantize = trained_quantization(lora, device)
-        pipe, metadata = load_with_lora(lora, model, weights, quantize)
+        pipe, metadata = load_with_lora(lora, model, weights, quantize, scale)
     else:
         if not model:
             raise ValueError("give a LoRA or a model")

@@ -120,6 +120,25 @@ def _one_image(out: Path, *args: str) -> np.ndarray:
     return np.asarray(Image.open(next(out.glob("000_00_*.png")))).astype(int)
 
 
+def test_sample_scale_sets_the_loras_strength(run_dir, tmp_path, capsys):
+    """--scale 0 draws the base model's image, 0.5 one between it and the trained one (1, the
+    default) (diffusers' set_adapters: the LoRA's change times the strength); a scale without
+    a LoRA, or not a number, is one line."""
+    lora = ("--lora", str(run_dir / "lora"))
+    base = _one_image(tmp_path / "base", "--model", "tiny:0", "--steps", "3")  # as trained
+    trained = _one_image(tmp_path / "trained", *lora)
+    zero, half = (_one_image(tmp_path / f"scale-{s}", *lora, "--scale", s) for s in ("0", "0.5"))
+    np.testing.assert_array_equal(zero, base)
+    change = np.abs(trained - base).sum()
+    assert change > 0
+    assert 0 < np.abs(half - base).sum() < change and 0 < np.abs(half - trained).sum() < change
+    capsys.readouterr()
+    assert main(["sample", "--model", "tiny:0", "--prompt", "a cat", "--scale", "0.5"]) == 2
+    assert "--scale sets a LoRA's strength: give --lora PATH" in capsys.readouterr().err
+    assert main(["sample", *lora, "--prompt", "a cat", "--scale", "nan"]) == 2
+    assert "--scale nan is invalid" in capsys.readouterr().err
+
+
 def test_sample_and_eval_default_to_the_gpu_in_half_precision(run_dir, tmp_path, monkeypatch):
     """`sample` / `eval` without --device take the GPU where there is one, in bf16 (fp16 on a
     card without bf16), fp32 on the CPU; --dtype bf16 runs on the CPU too (eval under autocast),
