@@ -32,6 +32,10 @@ _err = Console(stderr=True, soft_wrap=True)
 _out = Console(soft_wrap=True, markup=False)
 
 
+SCALE_HELP = (
+    "the LoRA's strength (default 1: as trained; 0: the base model; between: part of the "
+    "change, as ComfyUI's strength)"
+)
 DEVICE_HELP = "torch device, e.g. cuda, cuda:1 or cpu (default: cuda where there is one, else cpu)"
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 DTYPE_HELP = (
@@ -146,10 +150,7 @@ def _sample(args: argparse.Namespace) -> int:
         raise UsageError("--num and --steps must be at least 1")
     if args.resolution is not None and args.resolution < 1:
         raise UsageError(f"--resolution {args.resolution} is invalid: give a size in pixels")
-    if not math.isfinite(args.scale):
-        raise UsageError(f"--scale {args.scale:g} is invalid: give the LoRA's strength, e.g. 0.5")
-    if args.scale != 1.0 and args.lora is None:
-        raise UsageError("--scale sets a LoRA's strength: give --lora PATH")
+    _check_scale(args)
     if args.guidance_scale is not None and not args.guidance_scale >= 0:
         raise UsageError(
             f"--guidance-scale {args.guidance_scale:g} is invalid: give a number >= 0 "
@@ -173,6 +174,13 @@ def _sample(args: argparse.Namespace) -> int:
         )
     _out.print(f"{len(result.paths)} images and {result.grid} written to {args.output}")
     return 0
+
+
+def _check_scale(args: argparse.Namespace) -> None:
+    if not math.isfinite(args.scale):
+        raise UsageError(f"--scale {args.scale:g} is invalid: give the LoRA's strength, e.g. 0.5")
+    if args.scale != 1.0 and args.lora is None:
+        raise UsageError("--scale sets a LoRA's strength: give --lora PATH")
 
 
 def _inference_options(args: argparse.Namespace) -> dict:
@@ -203,6 +211,7 @@ def _eval(args: argparse.Namespace) -> int:
     files = {Path(f).stem: f for f in args.prompts or []}
     if args.num is not None and args.num < 1:
         raise UsageError("--num must be at least 1")
+    _check_scale(args)
     _check_device(args.device)
     with progress_bars(_err, enabled=not args.quiet) as progress:
         base, tuned = evaluate_lora(
@@ -214,6 +223,7 @@ def _eval(args: argparse.Namespace) -> int:
             seed=args.seed,
             steps=args.steps,
             progress=progress,
+            scale=args.scale,
             **_inference_options(args),
         )
     if tuned is None:
@@ -384,13 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model", help="base model (default: the one the LoRA was trained on)")
     sample.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
     sample.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
-    sample.add_argument(
-        "--scale",
-        type=float,
-        default=1.0,
-        help="the LoRA's strength (default 1: as trained; 0: the base model; between: part of "
-        "the change, as ComfyUI's strength)",
-    )
+    sample.add_argument("--scale", type=float, default=1.0, help=SCALE_HELP)
     sample.add_argument("--steps", type=int, help="sampling steps (default: as trained)")
     sample.add_argument("--guidance-scale", type=float, help="CFG scale (default: as trained)")
     sample.add_argument(
@@ -431,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help=DEVICE_HELP)
     evaluate.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     evaluate.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    evaluate.add_argument("--scale", type=float, default=1.0, help=SCALE_HELP)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.add_argument(
         "--json", metavar="FILE", help="also write the table's numbers to FILE (JSON)"

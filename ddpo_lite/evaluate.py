@@ -256,6 +256,7 @@ def evaluate_lora(
     quantize: str | None = None,
     offload: bool | None = None,
     progress: Progress | None = None,
+    scale: float = 1.0,
 ) -> tuple[dict[str, GroupResult], dict[str, GroupResult] | None]:
     """Evaluate the base model and, with `lora`, the tuned one on the same noise.
 
@@ -267,8 +268,8 @@ def evaluate_lora(
     `ddpo-lite sample`: "auto" is bf16 or fp16 on a GPU, fp32 on the CPU), under autocast when
     they are not fp32, the frozen denoiser stored as `quantize` (None: as the LoRA was trained,
     on a GPU), the text encoders on the CPU but while they encode with `offload` (None: where
-    the models do not all fit on the GPU), a bar per model on `progress`. Returns (base
-    results, tuned results or None).
+    the models do not all fit on the GPU), a bar per model on `progress`, the LoRA at
+    strength `scale` (1: as trained). Returns (base results, tuned results or None).
     """
     from ddpo_lite.config import Config, EvalConfig, load_config
     from ddpo_lite.families import family_of
@@ -287,7 +288,7 @@ def evaluate_lora(
     weights = inference_dtype(dtype, device)
     if lora is not None:
         quantize = quantize or trained_quantization(lora, device)
-        pipe, metadata = load_with_lora(lora, model, weights, quantize)
+        pipe, metadata = load_with_lora(lora, model, weights, quantize, scale)
     elif model:
         pipe, metadata = load_base(model, weights, quantize or "none"), {}
     else:

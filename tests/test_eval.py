@@ -208,6 +208,14 @@ def test_eval_command_compares_base_and_tuned(tmp_path, heldout, capsys, monkeyp
     # a bar per model, one step per prompt (2 + 2)
     shown = [(t.description, t.completed, t.total) for t in bars[0].tasks]
     assert shown == [("base model", 4, 4), ("with the LoRA", 4, 4)]
+    assert any(row["difference"] != 0 for row in written["groups"])  # the LoRA changes images
+    # at strength 0 the LoRA changes nothing: the tuned column is the base's, to the bit
+    scaled = ["eval", "--lora", str(out / "lora"), "--prompts", heldout["animals"], "--num", "2"]
+    scaled += ["--steps", "3", "--scale", "0", "--json", str(tmp_path / "s.json"), "--quiet"]
+    assert main(scaled) == 0
+    (row,) = json.loads((tmp_path / "s.json").read_text())["groups"]
+    assert row["difference"] == 0 and row["tuned"] == row["base"] == written["groups"][0]["base"]
+    capsys.readouterr()
     assert main(["eval", "--model", "tiny", "--prompts", heldout["animals"], "--num", "1"]) == 2
     assert "reward" in capsys.readouterr().err  # no LoRA, no --reward: says what is missing
     base_only = ["eval", "--model", "tiny", "--reward", "jpeg_compressibility", "--steps", "3"]
