@@ -5,6 +5,13 @@ A fixed-seed `tiny` rollout's log-probs, one accumulated update's loss and gradi
 before the move (tests/golden_sd1.json, values as float.hex too); this test holds every later
 version to them. Locally they stay bit-identical (compare the hex); the test allows 1e-6
 relative, for CPUs whose kernels round differently.
+
+The rollout's and the update's numbers hold within 1e-6 on every CPU seen. The 2-epoch run's do
+not: a CPU whose kernels round differently (1e-7 in a log-prob) moves a few pixels across a
+uint8 boundary, the JPEG reward by bytes, and two PPO steps amplify that (the loss by 15% between
+an AVX2 AMD machine and the one these were pinned on). So the run's numbers are held to those of
+any CPU kind they were pinned on (`run_on_other_cpus`: recomputed there by the code that matched
+the pinned numbers on the first machine, bit for bit); a new kind fails with what to do.
 """
 
 import json
@@ -75,15 +82,35 @@ def _compute(tmp_path: Path) -> dict[str, list[float]]:
     }
 
 
+#: The numbers of the 2-epoch run, which depend on how the CPU's kernels round (see above).
+RUN_KEYS = ("run_metrics", "run_lora_abs_sum")
+
+
+def _mismatch(got: dict, pinned: dict, names) -> str | None:
+    """The first value of `names` not within 1e-6 of `pinned`, as a message; None if all are."""
+    for name in names:
+        expected = pinned[name]["values"]
+        if len(got[name]) != len(expected):
+            return f"{name}: {len(got[name])} values, {len(expected)} pinned"
+        for i, (a, b) in enumerate(zip(got[name], expected, strict=True)):
+            if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9):
+                return f"{name}[{i}]: {a} != {b}"
+    return None
+
+
 def test_sd1_golden_numbers(tmp_path):
     golden = json.loads(GOLDEN.read_text())
     got = compute(tmp_path)
+    alternatives = golden.pop("run_on_other_cpus")
     assert got.keys() == golden.keys()
-    for name, values in got.items():
-        pinned = golden[name]["values"]
-        assert len(values) == len(pinned), name
-        for i, (a, b) in enumerate(zip(values, pinned, strict=True)):
-            assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), f"{name}[{i}]: {a} != {b}"
+    kernels = [name for name in got if name not in RUN_KEYS]
+    assert (problem := _mismatch(got, golden, kernels)) is None, problem
+    problems = [_mismatch(got, pinned, RUN_KEYS) for pinned in [golden, *alternatives]]
+    assert None in problems, (
+        f"the run's numbers match those of no CPU kind pinned ({problems[0]}); the rollout and "
+        "the update match theirs, so if nothing in the loop changed, this CPU rounds another way: "
+        "pin its run with `python tests/test_golden.py --add-cpu NAME` on the unchanged code"
+    )
 
 
 def bit_identical(tmp_path: Path) -> list[str]:
@@ -93,14 +120,28 @@ def bit_identical(tmp_path: Path) -> list[str]:
     return [n for n, v in got.items() if [x.hex() for x in v] != golden[n]["hex"]]
 
 
-if __name__ == "__main__":  # --write: pin the current code's numbers; --bits: compare exactly
+def pinned(values: list[float]) -> dict:
+    return {"values": values, "hex": [x.hex() for x in values]}
+
+
+if __name__ == "__main__":
+    # --write: pin the current code's numbers (the other CPUs' runs are dropped); --add-cpu NAME:
+    # add this CPU's run numbers beside the pinned ones; else compare exactly (--bits)
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).parent))
     with tempfile.TemporaryDirectory() as tmp:
         if "--write" in sys.argv:
             values = compute(Path(tmp))
-            data = {n: {"values": v, "hex": [x.hex() for x in v]} for n, v in values.items()}
+            data = {n: pinned(v) for n, v in values.items()}
+            data["run_on_other_cpus"] = []
+            GOLDEN.write_text(json.dumps(data, indent=1) + "\n")
+        elif "--add-cpu" in sys.argv:
+            name = sys.argv[sys.argv.index("--add-cpu") + 1]
+            data = json.loads(GOLDEN.read_text())
+            values = compute(Path(tmp))
+            other = {"platform": name, **{k: pinned(values[k]) for k in RUN_KEYS}}
+            data["run_on_other_cpus"].append(other)
             GOLDEN.write_text(json.dumps(data, indent=1) + "\n")
         else:
             differ = bit_identical(Path(tmp))
