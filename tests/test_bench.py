@@ -155,6 +155,7 @@ def bench_json(tmp_path_factory):
     return json.loads(stdout.getvalue())
 
 
+@pytest.mark.xdist_group("bench_json")  # one worker builds the module fixture
 def test_bench_json_has_the_keys(bench_json):
     assert bench_json["kind"] == "measurement"
     assert bench_json["peak_source"] == "dispatch-counter"  # CPU: counted, not allocator-measured
@@ -167,6 +168,7 @@ def test_bench_json_has_the_keys(bench_json):
     assert bench_json["estimate"]["kind"] == "estimate"
 
 
+@pytest.mark.xdist_group("bench_json")  # one worker builds the module fixture
 @pytest.mark.parametrize("phase", ["sampling", "training"])
 def test_estimate_within_15_percent_of_the_counted_cpu_run(bench_json, phase):
     """The meta-device estimate (models on meta, phases composed by formula) against the same

@@ -35,6 +35,7 @@ def suite(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.xdist_group("gpu_bench_suite")  # one worker builds the module fixture
 def test_every_family_measured_beside_its_estimate_and_pipeline(suite):
     result, out = suite
     assert json.loads((out / "bench.json").read_text()) == json.loads(
@@ -67,6 +68,7 @@ def test_every_family_measured_beside_its_estimate_and_pipeline(suite):
     assert any("needs CUDA" in n for n in by_name["flux-pickscore"]["notes"])  # nf4 on a CPU
 
 
+@pytest.mark.xdist_group("gpu_bench_suite")  # one worker builds the module fixture
 def test_markdown_tables_have_every_cell_filled(suite):
     result, out = suite
     text = (out / "bench.md").read_text()
