@@ -390,7 +390,7 @@ class Run:
             models += self.policy.family.text_encoders(self.pipe)
         if not memory.offload_reward:
             models += [m for m in getattr(self.reward, "models", [])]
-        tensors = _tensors(models)
+        tensors = _weights(models)
         for state in self.optimizer.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v)]
         return tensors
@@ -401,13 +401,14 @@ class Run:
         counter is given them for the phase, as a GPU's allocator sees them arrive."""
         memory = self.config.memory
         if phase == "sampling" and memory.offload_vae:
-            return _tensors([self.pipe.vae])
+            return _weights([self.pipe.vae])
         if phase == "reward" and memory.offload_reward:
-            return _tensors(getattr(self.reward, "models", []))
+            return _weights(getattr(self.reward, "models", []))
         return []
 
 
-def _tensors(models) -> list[torch.Tensor]:
+def _weights(models) -> list[torch.Tensor]:
+    """The parameters and buffers of `models`."""
     return [t for m in models for t in (*m.parameters(), *m.buffers())]
 
 

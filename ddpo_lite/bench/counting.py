@@ -50,8 +50,17 @@ class _Uncacheable(Exception):
 
 
 #: Plain argument values an op's signature may hold (with their type: 1, 1.0 and True differ).
-_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout)
-_PLAIN += (torch.memory_format,)
+_PLAIN = (
+    int,
+    float,
+    bool,
+    str,
+    type(None),
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+)
 
 
 def _key(value):
