@@ -1,6 +1,8 @@
 """Shared fixtures: every test runs offline on the tiny model, cached once per session."""
 
+import functools
 import os
+import time
 
 import pytest
 import torch
@@ -26,3 +28,20 @@ def _offline_cache(tmp_path_factory):
 def tiny_config(tmp_path, *overrides: str):
     """The tiny preset, writing into tmp_path, with `key=value` overrides."""
     return load_config("tiny", [f'output_dir="{tmp_path / "run"}"', *overrides])
+
+
+@functools.cache
+def half_precision_is_emulated() -> bool:
+    """True on a CPU without half-precision kernels (AVX2, no AVX-512 / AMX), where torch runs
+    bf16 and fp16 matmuls and convolutions in reference loops: measured 30-50x slower than
+    float32 there (bf16 autocast made the suite twice as long on such a machine)."""
+
+    def seconds(dtype: torch.dtype) -> float:
+        a, b = torch.randn(512, 128, dtype=dtype), torch.randn(128, 128, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        return time.perf_counter() - start
+
+    return seconds(torch.bfloat16) > 5 * seconds(torch.float32)

@@ -3,6 +3,7 @@ and an output folder that holds a run is never overwritten by accident."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,6 +200,15 @@ def test_resume_applies_new_optimizer_settings_and_refuses_another_rank(tmp_path
     assert group["betas"] == {"__json_tuple__": [0.5, 0.999]}
 
 
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """A 2-epoch run with both checkpoints, made once: each damage below spoils a copy."""
+    tmp = tmp_path_factory.mktemp("two-epochs")
+    train(tiny_config(tmp, "num_epochs=2", *SHORT), show_progress=False)
+    return tmp / "run"
+
+
+@pytest.mark.xdist_group("two_epochs")  # one worker builds the module fixture
 @pytest.mark.parametrize(
     "damage",
     [
@@ -215,7 +225,7 @@ def test_resume_applies_new_optimizer_settings_and_refuses_another_rank(tmp_path
         "edit_epoch",
     ],
 )
-def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, capsys):
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, two_epochs, damage, capsys):
     """Resume verifies the newest checkpoint (SHA-256 of its files, finite weights, the epoch it
     records) and, when it is damaged, continues from the one before it instead of a traceback or
     a silently wrong run; with every checkpoint damaged it stops in one line."""
@@ -224,7 +234,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, c
     from ddpo_lite.cli import main
 
     out = tmp_path / "run"
-    train(tiny_config(tmp_path, "num_epochs=2", *SHORT), show_progress=False)
+    shutil.copytree(two_epochs, out)
     newest = latest_checkpoint(out)
     adapter = newest / "adapter.safetensors"
     if damage == "truncate_adapter":

@@ -167,6 +167,7 @@ def trained(tmp_path_factory):
     return config, train(config)
 
 
+@pytest.mark.xdist_group("trained")  # one worker builds the module fixture
 def test_only_lora_parameters_move(trained):
     """After training every base UNet, VAE and text-encoder weight is bit-identical to the
     loaded model's (cast to the frozen dtype); the LoRA's B matrices left their zero init."""
@@ -185,6 +186,7 @@ def test_only_lora_parameters_move(trained):
     assert sum(float(v.abs().sum()) for v in lora_b) > 0
 
 
+@pytest.mark.xdist_group("trained")  # one worker builds the module fixture
 def test_run_outputs_and_metrics(trained):
     config, result = trained
     assert len(result.metrics) == 2
