@@ -201,6 +201,7 @@ def test_run_outputs_and_metrics(trained):
     assert meta["base_model"] == "tiny:0" and meta["rank"] == "4" and meta["epoch"] == "2"
 
 
+@pytest.mark.xdist_group("trained")  # one worker builds the module fixture
 def test_saved_lora_loads_in_plain_diffusers(trained):
     """`load_lora_weights` on a fresh pipeline picks up every trained tensor (so the key prefix
     is right) and changes the UNet's output."""
