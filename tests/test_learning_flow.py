@@ -14,9 +14,10 @@ from ddpo_lite.trainer import train
 
 
 def test_the_grpo_preset_makes_the_flow_model_follow_its_prompts(tmp_path):
-    """The shapes-alignment-grpo preset as shipped (seed 0; evaluated at the start and the end) raises alignment (colour + shape
-    probability read from pixels, 0-2) on its 24 training captions beyond 3 standard errors of
-    the paired change, and on the 24 held-out captions beyond 2 (8 images per caption each).
+    """The shapes-alignment-grpo preset as shipped (seed 0; evaluated at the start and the end)
+    raises alignment (colour + shape probability read from pixels, 0-2) on its 24 training
+    captions beyond 3 standard errors of the paired change, and on the 24 held-out captions
+    beyond 2 (8 images per caption each).
 
     Measured: see docs/ALGORITHM.md, "Flow-GRPO on shapes-flow".
     """

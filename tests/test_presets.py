@@ -5,8 +5,8 @@ first checkpoint (8-bit AdamW's nested state) while every test ran them with 8-b
 So each preset found in presets/ runs through the command line with only what a CPU cannot do
 or afford changed (`rehearsal_overrides`): the model (`tiny`, `tiny-sdxl` for an SDXL
 preset, `tiny-sd3` for an SD3 one), the sizes (resolution included, an SDE window clamped to the
-shorter chain), fp16 -> bf16 (float32 on a CPU that emulates bf16), a bitsandbytes-quantized base (diffusers quantizes only on a GPU)
-left unquantized, and a model reward replaced by the same
+shorter chain), fp16 -> bf16 (float32 on a CPU that emulates bf16), a bitsandbytes-quantized
+base (diffusers quantizes only on a GPU) left unquantized, and a model reward replaced by the same
 reward code on a tiny random-weight twin of its model (aesthetic, PickScore) or by a model-free
 one. Every memory lever (8-bit AdamW, half base, gradient
 checkpointing, attention, offloads, VAE slicing, micro-batches, timestep chunks), the
