@@ -124,7 +124,7 @@ def test_sd35_large_has_its_published_size():
 
 def test_names_the_estimate_reads_as_sd3():
     names = (SD35_RANDOM, "sd35-large-random", "stabilityai/stable-diffusion-3.5-medium")
-    for name in (*names, "tiny-sd3"):
+    for name in (*names, "tiny-sd3", "shapes-flow"):
         assert is_sd3(load_config(None, [f'model.name="{name}"']))
     assert not is_sd3(load_config(None, ['model.name="sdxl-random"']))
 

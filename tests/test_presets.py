@@ -57,7 +57,7 @@ def rehearsal_overrides(config: Config, twins: dict) -> list[str]:
         else "tiny-flux"
         if is_flux(config)
         else "tiny-sd3"
-        if is_sd3(config) or config.model.name == "shapes-flow"  # SD3 without T5, as tiny-sd3
+        if is_sd3(config)  # shapes-flow too: SD3 without T5, as tiny-sd3
         else "tiny-sdxl"
         if is_sdxl(config)
         else "tiny"

@@ -230,10 +230,12 @@ def is_sdxl(config: Config) -> bool:
 
 def is_sd3(config: Config) -> bool:
     """Whether the config names an SD3 / SD3.5 model (by family, or by a name the estimate
-    knows: sd35-random, sd35-large-random, stabilityai/stable-diffusion-3*, tiny-sd3)."""
+    knows: sd35-random, sd35-large-random, stabilityai/stable-diffusion-3*, tiny-sd3, and the
+    shipped shapes-flow)."""
     name = config.model.name.lower()
     return (
         config.model.family == "sd3"
+        or name == "shapes-flow"
         or "sd3" in name
         or "sd35" in name
         or "stable-diffusion-3" in name
