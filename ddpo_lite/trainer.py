@@ -14,10 +14,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import math
 import resource
+import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -470,8 +473,32 @@ def train(
         raise CheckpointWriteError(_write_failed(what, err, loop.result)) from err
     finally:
         executor.shutdown(cancel_futures=True)  # never waits for a reward that hangs
+        if accelerator.num_processes > 1:
+            drop_ddp_wrapper(loop, accelerator)
         accelerator.end_training()
     return loop.result
+
+
+def drop_ddp_wrapper(loop: TrainingLoop, accelerator: Accelerator) -> None:
+    """Let the DDP-wrapped denoiser die while the process group still lives (before
+    `end_training` destroys it).
+
+    A DDP model's reducer holds the process group. Where the model is its last holder, the gloo
+    group is destroyed inside the reducer's destructor with the GIL held, while a gloo thread may
+    still need the GIL to free the tensors of a finished collective: the process hangs (seen in
+    CI: one rank of a two-process CPU run stuck in ~ProcessGroupGloo after its run was done).
+    Dropped here, the group's last holder is its Python object, whose destructor releases the
+    GIL. On an error, the finished frames of the exception's traceback hold the model as a local:
+    they are cleared (the traceback still prints; only pdb's locals are lost)."""
+    loop.run = dataclasses.replace(loop.run, model=loop.run.denoiser)
+    accelerator.free_memory()  # its list of prepared models holds the wrapper too
+    error = sys.exc_info()[1]
+    seen = set()
+    while error is not None and id(error) not in seen:  # the chain of causes and contexts
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+    gc.collect()  # a module's hooks make reference cycles
 
 
 class TrainingLoop:

@@ -4,12 +4,14 @@ really were averaged across processes. The same for the other paths through the 
 on a flow model with the KL to the base (a forward with the LoRA off inside the DDP model) and
 the one-step log-prob-free update (NFT: the whole epoch accumulated under no_sync)."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -42,16 +44,28 @@ def run(command: list[str], out: Path, timeout: float = 300) -> None:
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # torchrun starts each worker in a session of its own: kill them by ancestry, not group
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        output, _ = proc.communicate(timeout=30)
         pytest.fail(f"{command[2:5]} ran past {timeout:.0f} s:\n{output[-4000:]}")
     assert proc.returncode == 0, output[-4000:]
+
+
+def _no_ddp_model_outlives_the_group(out: Path) -> None:
+    """Each rank destroyed its process group once, with no DDP model alive (one alive there
+    can hang the rank in the group's destructor: trainer.drop_ddp_wrapper)."""
+    for rank in (0, 1):
+        counts = json.loads((out / f"rank{rank}.json").read_text())["live_ddp_at_destroy"]
+        assert counts == [0], (rank, counts)
 
 
 def _two_ranks(tmp_path, overrides: list[str]) -> dict[str, torch.Tensor]:
     out = tmp_path / "two"
     out.mkdir()
     run([*TORCHRUN, str(WORKER), str(out), *overrides], out)
+    _no_ddp_model_outlives_the_group(out)
     # both processes really ran: one LoRA file per rank
     assert sorted(p.name for p in out.glob("rank*.safetensors")) == [
         "rank0.safetensors",
@@ -102,3 +116,15 @@ def test_two_processes_average_gradients_on_every_update_path(tmp_path, case):
     pytest.importorskip("torch.distributed.run")
     base = [o for o in OVERRIDES if not o.startswith("train.")] + ["train.learning_rate=1e-2"]
     _two_ranks(tmp_path, [*base, *case])
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_on_two_processes_drops_its_ddp_model_before_the_group(tmp_path):
+    """The error path: the traceback's frames held the DDP model past the group's end."""
+    pytest.importorskip("torch.distributed.run")
+    out = tmp_path / "two"
+    out.mkdir()
+    overrides = [*OVERRIDES, 'reward.name="ddp_worker:failing_reward"']
+    run([*TORCHRUN, str(WORKER), str(out), *overrides], out)
+    _no_ddp_model_outlives_the_group(out)
+    assert not list(out.glob("rank*.safetensors"))  # the run did fail on both ranks
